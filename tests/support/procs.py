@@ -1,0 +1,89 @@
+"""Child processes for tests: the simulators and services as real processes, killed for sure at the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.support.net import wait_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class ManagedProcess:
+    """A child started with the venv's python; its output goes to a temp log shown on failure."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        wait_for_port: int | None = None,
+        timeout: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        self.args = [sys.executable, *args] if args[0] in {"-m", "-c"} else list(args)
+        self.name = name or " ".join(args[:3])
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log = tempfile.NamedTemporaryFile(prefix="proc-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.wait_for_port = wait_for_port
+        self.timeout = timeout
+
+    def start(self) -> ManagedProcess:
+        self.proc = subprocess.Popen(
+            self.args,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        if self.wait_for_port is not None:
+            try:
+                wait_port(self.wait_for_port, timeout=self.timeout)
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(
+                    f"{self.name} did not listen on {self.wait_for_port}:\n{self.output()}"
+                ) from None
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            assert self.proc is not None
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=timeout)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            self.kill()
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-8000:]
+
+    def __enter__(self) -> ManagedProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
