@@ -135,8 +135,7 @@ class PrivateRabbit:
         self.base = Path(tempfile.mkdtemp(prefix="rabbit-"))
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "rabbitmq.conf").write_text(
-            "loopback_users = none\nlisteners.tcp.default = %d\nmanagement.tcp.port = %d\n"
-            % (self.port, free_port())
+            f"loopback_users = none\nlisteners.tcp.default = {self.port}\n"
         )
 
     @property
