@@ -23,9 +23,7 @@ from tests.support.net import free_port, port_open
 
 _RABBIT_SBIN = Path(os.path.realpath(shutil.which("rabbitmq-server") or "/usr/sbin/rabbitmq-server")).parent
 if not (_RABBIT_SBIN / "rabbitmqctl").exists() or Path("/usr/sbin") == _RABBIT_SBIN:
-    _RABBIT_SBIN = next(
-        iter(sorted(Path("/usr/lib/rabbitmq/lib").glob("rabbitmq_server-*/sbin"))), _RABBIT_SBIN
-    )
+    _RABBIT_SBIN = next(iter(sorted(Path("/usr/lib/rabbitmq/lib").glob("rabbitmq_server-*/sbin"))), _RABBIT_SBIN)
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -134,9 +132,7 @@ class PrivateRabbit:
         self.node = f"priv{uuid.uuid4().hex[:8]}@localhost"
         self.base = Path(tempfile.mkdtemp(prefix="rabbit-"))
         (self.base / "enabled_plugins").write_text("[].\n")
-        (self.base / "rabbitmq.conf").write_text(
-            f"loopback_users = none\nlisteners.tcp.default = {self.port}\n"
-        )
+        (self.base / "rabbitmq.conf").write_text(f"loopback_users = none\nlisteners.tcp.default = {self.port}\n")
 
     @property
     def url(self) -> str:

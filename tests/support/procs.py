@@ -49,9 +49,7 @@ class ManagedProcess:
                 wait_port(self.wait_for_port, timeout=self.timeout)
             except TimeoutError:
                 self.stop()
-                raise RuntimeError(
-                    f"{self.name} did not listen on {self.wait_for_port}:\n{self.output()}"
-                ) from None
+                raise RuntimeError(f"{self.name} did not listen on {self.wait_for_port}:\n{self.output()}") from None
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""Contracts shared by the gonka-hybrid services: messages, topology, settings, Redis keys, time."""
+"""Contracts shared by the gonka-hybrid services: messages, topology, settings, Redis keys, time, ports."""
 
 from hybrid_common._ports import PORTS, PortEntry, port
 from hybrid_common._time import DEMO, PROFILES, REAL, TEST, EpochShape, TimeProfile, current_profile

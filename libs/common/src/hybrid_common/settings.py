@@ -1,0 +1,120 @@
+"""Settings shared by every service (pydantic-settings; environment and ``.env``).
+
+The seeds' variable names are accepted as they are (``HYPERBOLIC_API_KEY``, ``VASTAI_API_KEY``, ``VASTAI_MAX_PRICE``,
+...). Secrets are ``SecretStr``: they print as ``**********``. ``MODE=sim`` (the default) points every external URL at
+the simulated world, whatever keys are set: only ``MODE=live`` touches a real endpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hybrid_common._ports import port
+
+Mode = Literal["sim", "live"]
+
+# The simulators' default keys (python -m sim vast --api-key, python -m sim upstream --api-key).
+SIM_SECRETS = {"vastai_api_key": "test", "hyperbolic_api_key": "sim-upstream-key"}
+
+REAL_ENDPOINTS = {
+    "vast_url": "https://console.vast.ai",
+    "upstream_url": "https://api.hyperbolic.xyz/v1",
+}
+
+
+def _local(name: str, path: str = "") -> str:
+    return f"http://127.0.0.1:{port(name)}{path}"
+
+
+class CommonSettings(BaseSettings):
+    """What every service reads. Services subclass it and add their own fields."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
+
+    mode: Mode = Field(default="sim", validation_alias=AliasChoices("MODE", "HYBRID_MODE"))
+    amqp_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/", validation_alias=AliasChoices("AMQP_URL"))
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL"))
+    namespace: str = Field(
+        default="",
+        validation_alias=AliasChoices("HYBRID_NAMESPACE"),
+        description="prefix for exchanges, queues and Redis keys",
+    )
+    label_prefix: str = Field(
+        default="ghm",
+        validation_alias=AliasChoices("HYBRID_LABEL_PREFIX"),
+        description="Vast.ai instance labels: <prefix>-<slot>-<epoch>",
+    )
+    log_level: str = Field(default="INFO", validation_alias=AliasChoices("LOG_LEVEL"))
+    log_json: bool = Field(default=True, validation_alias=AliasChoices("LOG_JSON"))
+
+    # Secrets (seeds' names).
+    vastai_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("VASTAI_API_KEY"))
+    hyperbolic_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("HYPERBOLIC_API_KEY"))
+
+    # External endpoints: in sim mode these default to the simulated world.
+    vast_url: str | None = Field(default=None, validation_alias=AliasChoices("VAST_URL"))
+    upstream_url: str | None = Field(default=None, validation_alias=AliasChoices("UPSTREAM_URL", "HYPERBOLIC_URL"))
+    dapi_admin_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("GONKA_ADMIN_API_URL", "DAPI_ADMIN_URL")
+    )
+    dapi_public_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("GONKA_PUBLIC_API_URL", "DAPI_PUBLIC_URL")
+    )
+    dapi_callback_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DAPI_CALLBACK_URL"),
+        description="the dapi's internal PoC callback server (relay forwards here)",
+    )
+
+    # Seeds' rental knobs.
+    vastai_max_price: float = Field(default=3.0, gt=0, validation_alias=AliasChoices("VASTAI_MAX_PRICE"))
+    vastai_min_vram: float = Field(
+        default=40.0, gt=0, validation_alias=AliasChoices("VASTAI_MIN_VRAM"), description="GB per GPU"
+    )
+    vastai_gpu_type: str | None = Field(default=None, validation_alias=AliasChoices("VASTAI_GPU_TYPE"))
+    vastai_disk_size: int = Field(default=100, ge=8, validation_alias=AliasChoices("VASTAI_DISK_SIZE"))
+    docker_image: str | None = Field(default=None, validation_alias=AliasChoices("DOCKER_IMAGE"))
+    mlnode_port: int = Field(default=8080, ge=1, le=65535, validation_alias=AliasChoices("MLNODE_PORT"))
+    mlnode_startup_timeout: float = Field(default=1800, gt=0, validation_alias=AliasChoices("MLNODE_STARTUP_TIMEOUT"))
+    poc_execution_timeout: float = Field(default=3600, gt=0, validation_alias=AliasChoices("POC_EXECUTION_TIMEOUT"))
+
+    @model_validator(mode="after")
+    def _endpoints_follow_mode(self) -> CommonSettings:
+        """In ``sim`` mode an endpoint pointing at a real service is refused; unset ones go to the simulators."""
+        defaults = {
+            "vast_url": _local("sim.vast"),
+            "upstream_url": _local("sim.upstream", "/v1"),
+            "dapi_admin_url": _local("sim.dapi.admin"),
+            "dapi_public_url": _local("sim.dapi.public"),
+            "dapi_callback_url": _local("sim.dapi.callback"),
+        }
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if value is None:
+                if self.mode == "live" and name in REAL_ENDPOINTS:
+                    value = REAL_ENDPOINTS[name]
+                elif self.mode == "live":
+                    raise ValueError(f"MODE=live needs {name.upper()} to be set")
+                else:
+                    value = default
+            elif self.mode == "sim" and any(value.startswith(real) for real in REAL_ENDPOINTS.values()):
+                raise ValueError(f"MODE=sim refuses a real endpoint for {name}: {value!r} (set MODE=live to use it)")
+            object.__setattr__(self, name, value.rstrip("/"))
+        return self
+
+    def secret(self, name: str) -> str:
+        """The key to send. In ``sim`` mode always the simulator's key: a real key never leaves for a simulator."""
+        if self.mode == "sim":
+            return SIM_SECRETS[name]
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"{name.upper()} is required in MODE=live")
+        assert isinstance(value, SecretStr)
+        return value.get_secret_value()
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for the log redactor."""
+        return [v.get_secret_value() for v in (self.vastai_api_key, self.hyperbolic_api_key) if v is not None]
