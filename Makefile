@@ -45,7 +45,7 @@ compose-check:
 	@bash deploy/check-compose.sh
 
 catalogue: venv
-	$(VENV)/bin/python -m hybrid_common.catalogue --write docs/messages.md
+	$(VENV)/bin/python -m hybrid_common.catalogue --write docs
 
 pytest: venv tools services-up
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -1,7 +1,7 @@
 """The message catalogue, generated from the schemas (never written by hand).
 
-``python -m hybrid_common.catalogue --write docs/messages.md`` regenerates it; ``--check`` exits 1 when the
-checked-in file differs from what the schemas say (the catalogue test runs the same comparison).
+``python -m hybrid_common.catalogue --write docs`` regenerates ``docs/messages.md`` and ``docs/state-and-ports.md``
+(the Redis key table and port map); ``--check docs`` exits 1 when a checked-in page differs from what the code says.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hybrid_common._ports import PORTS
 from hybrid_common.messages import REGISTRY, Payload
+from hybrid_common.redis_keys import KEY_TABLE
 from hybrid_common.topology import OWNER_QUEUES, SUBSCRIPTIONS
 
 _KIND_TITLES = {
@@ -87,20 +89,43 @@ def render() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def render_tables() -> str:
+    """The Redis key table and the port map, from the code that defines them."""
+    out = [
+        "# Shared state and ports",
+        "",
+        "Generated from `hybrid_common.redis_keys.KEY_TABLE` and `hybrid_common.PORTS` by `make catalogue`.",
+        "Every key has one writing owner. Keys are prefixed with `<HYBRID_NAMESPACE>:` when a namespace is set.",
+        "",
+        "## Redis keys",
+        "",
+        "| key | writer | readers | lifetime | what |",
+        "|---|---|---|---|---|",
+    ]
+    out += [f"| `{k.pattern}` | {k.owner} | {k.readers} | {k.lifetime} | {k.purpose} |" for k in KEY_TABLE]
+    out += ["", "## Ports", "", "| name | port | owner | what |", "|---|---|---|---|"]
+    out += [f"| `{name}` | {e.port} | {e.owner} | {e.purpose} |" for name, e in PORTS.items()]
+    return "\n".join(out) + "\n"
+
+
+DOCS = {"messages.md": render, "state-and-ports.md": render_tables}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--write", type=Path, help="write the catalogue to this file")
-    ap.add_argument("--check", type=Path, help="exit 1 if this file is not what the schemas generate")
+    ap.add_argument("--write", type=Path, metavar="DOCS_DIR", help="write the generated pages into this folder")
+    ap.add_argument("--check", type=Path, metavar="DOCS_DIR", help="exit 1 if a generated page there is stale")
     args = ap.parse_args(argv)
-    text = render()
     if args.write:
-        args.write.write_text(text)
+        for name, fn in DOCS.items():
+            (args.write / name).write_text(fn())
     elif args.check:
-        if not args.check.exists() or args.check.read_text() != text:
-            print(f"{args.check} is stale: run `make catalogue`", file=sys.stderr)  # noqa: T201
+        stale = [n for n, fn in DOCS.items() if not (args.check / n).exists() or (args.check / n).read_text() != fn()]
+        if stale:
+            print(f"stale generated docs: {', '.join(stale)}: run `make catalogue`", file=sys.stderr)  # noqa: T201
             return 1
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(render())
     return 0
 
 
