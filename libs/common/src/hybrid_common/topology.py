@@ -50,6 +50,7 @@ OWNER_QUEUES: Final[tuple[QueueSpec, ...]] = (
     ),
     QueueSpec("scheduler.commands", "commands", _command_types("scheduler", "plan")),
     QueueSpec("proxy.commands", "commands", _command_types("tunnel")),
+    QueueSpec("relay.callbacks", "commands", _command_types("callback"), delivery_limit=20),
 )
 
 # Event subscriptions of each service (a queue per subscriber; several replicas share it).

@@ -102,6 +102,30 @@ class TunnelClose(Command):
     all: bool = False
 
 
+# --- callback-relay ------------------------------------------------------------------------------------------------
+
+
+class ForwardCallback(Command):
+    """A PoC batch the relay accepted (published with a confirm before its 200): forward it to the dapi.
+
+    ``body`` is the batch exactly as received, so the dapi sees the sender's bytes; ``digest`` identifies its content
+    for deduplication (the MLNode senders re-send the same batch).
+    """
+
+    TYPE: ClassVar[str] = "callback.forward"
+
+    batch_id: str
+    digest: str
+    path: str = Field(description="the dapi path, forwarded unchanged, e.g. /v2/poc-batches/generated")
+    body: str
+    generation: str = Field(pattern="^v[12]$")
+    kind: str = Field(pattern="^(generated|validated)$")
+    node_id: int
+    block_height: int
+    received_at: datetime
+    source_ip: str | None = None
+
+
 # --- scheduler ----------------------------------------------------------------------------------------------------
 
 
