@@ -69,6 +69,35 @@ class CommonSettings(BaseSettings):
         description="the dapi's internal PoC callback server (relay forwards here)",
     )
 
+    # The node front (design: "Why a node front"): the dapi reaches every GPU slot at this host and the slot's
+    # gateway ports; the provisioner registers it, the proxy listens on it.
+    node_front_host: str = Field(
+        default="127.0.0.1",
+        validation_alias=AliasChoices("NODE_FRONT_HOST"),
+        description="the VPS address as the dapi sees it",
+    )
+    node_front_probe_host: str = Field(
+        default="127.0.0.1",
+        validation_alias=AliasChoices("NODE_FRONT_PROBE_HOST"),
+        description="where the provisioner reaches the front (compose: proxy)",
+    )
+    gateway_port_first: int = Field(
+        default=port("proxy.gateway_base"), ge=1, le=65535, validation_alias=AliasChoices("GATEWAY_PORT_FIRST")
+    )
+    gateway_port_last: int = Field(
+        default=port("proxy.gateway_last"), ge=1, le=65535, validation_alias=AliasChoices("GATEWAY_PORT_LAST")
+    )
+    ssh_key_path: str = Field(
+        default="~/.ssh/id_ed25519",
+        validation_alias=AliasChoices("SSH_KEY_PATH"),
+        description="private key for instance SSH (its .pub is attached to instances)",
+    )
+    relay_public_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("RELAY_PUBLIC_URL"),
+        description="the relay as remote MLNodes reach it (DAPI_API__POC_CALLBACK_URL)",
+    )
+
     # Seeds' rental knobs.
     vastai_max_price: float = Field(default=3.0, gt=0, validation_alias=AliasChoices("VASTAI_MAX_PRICE"))
     vastai_min_vram: float = Field(
