@@ -33,7 +33,9 @@ def check(service_dir: str, dist: str, module: str, uv: Path) -> list[str]:
         for src in line.split()[:-1]:
             if src in ALLOWED_ROOT or any(src == a or src.startswith(a + "/") for a in allowed):
                 continue
-            problems.append(f"{service_dir}/Dockerfile copies {src!r}: only root manifests, libs/common, its own package")
+            problems.append(
+                f"{service_dir}/Dockerfile copies {src!r}: only root manifests, libs/common, its own package"
+            )
     syncs = re.findall(r"uv sync (.+)$", text, re.M)
     if not syncs or any(f"--package {dist}" not in s for s in syncs):
         problems.append(f"{service_dir}/Dockerfile must `uv sync --package {dist}` in each stage")
@@ -43,14 +45,26 @@ def check(service_dir: str, dist: str, module: str, uv: Path) -> list[str]:
             shutil.copy(ROOT / f, t / f)
         for d in allowed:
             shutil.copytree(ROOT / d, t / d, ignore=shutil.ignore_patterns("__pycache__", "tests", "Dockerfile"))
-        env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(t / ".venv"), "UV_PYTHON": sys.executable,
-               "UV_PYTHON_DOWNLOADS": "never", "UV_LINK_MODE": "copy"}
-        r = subprocess.run([str(uv), "sync", "--frozen", "--no-dev", "--quiet", "--package", dist], cwd=t, env=env,
-                           capture_output=True, text=True)
+        env = {
+            **os.environ,
+            "UV_PROJECT_ENVIRONMENT": str(t / ".venv"),
+            "UV_PYTHON": sys.executable,
+            "UV_PYTHON_DOWNLOADS": "never",
+            "UV_LINK_MODE": "copy",
+        }
+        r = subprocess.run(
+            [str(uv), "sync", "--frozen", "--no-dev", "--quiet", "--package", dist],
+            cwd=t,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if r.returncode:
             return [*problems, f"{dist}: uv sync failed: {r.stderr.strip()[-400:]}"]
         others = [m for d, (_, m) in SERVICES.items() if d != service_dir]
-        probe = f"import {module}, hybrid_common, importlib.util as u; assert not any(u.find_spec(m) for m in {others!r})"
+        probe = (
+            f"import {module}, hybrid_common, importlib.util as u; assert not any(u.find_spec(m) for m in {others!r})"
+        )
         r = subprocess.run([str(t / ".venv" / "bin" / "python"), "-c", probe], capture_output=True, text=True)
         if r.returncode:
             problems.append(f"{dist}: isolated install broken: {r.stderr.strip()[-400:]}")

@@ -9,11 +9,11 @@ from urllib.parse import urlparse
 
 import aio_pika
 import pytest
+from redis.asyncio import Redis
+
 from hybrid_common.bus import Consumer, Delivery, Publisher, Unroutable, connect
 from hybrid_common.messages import Event, commands
 from hybrid_common.topology import QueueSpec, Topology
-from redis.asyncio import Redis
-
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.redis]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from redis.asyncio import Redis
+
 from hybrid_common.bus import Consumer, Delivery, Publisher, Requester, connect, reply
 from hybrid_common.messages.commands import ErrorReply, LogsQuery, LogsReply
 from hybrid_common.topology import QueueSpec, Topology
-from redis.asyncio import Redis
 
 
 async def test_query_gets_its_reply_and_errors_and_timeouts_are_clear(

@@ -29,8 +29,9 @@ class Part:
 PARTS = (
     Part("sim vast", "sim", ("vast", "--port", str(port("sim.vast"))), sim=True, listens=port("sim.vast")),
     Part("sim dapi", "sim", ("dapi",), sim=True, listens=port("sim.dapi.public")),
-    Part("sim upstream", "sim", ("upstream", "--port", str(port("sim.upstream"))), sim=True,
-         listens=port("sim.upstream")),
+    Part(
+        "sim upstream", "sim", ("upstream", "--port", str(port("sim.upstream"))), sim=True, listens=port("sim.upstream")
+    ),
     Part("callback-relay", "hybrid_relay", listens=port("relay.public")),
     Part("proxy", "hybrid_proxy", listens=port("proxy.node")),
     Part("provisioner", "hybrid_provisioner"),

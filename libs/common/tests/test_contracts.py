@@ -8,6 +8,7 @@ import uuid
 
 import orjson
 import pytest
+
 from hybrid_common import PORTS, TEST, current_profile
 from hybrid_common.logs import SecretRedactor, setup_logging
 from hybrid_common.messages import REGISTRY, InvalidMessage, UnknownMessageType, make, parse

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+from redis.asyncio import Redis
+
 from hybrid_common.lease import Lease
 from hybrid_common.redis_keys import RedisKeys
-from redis.asyncio import Redis
 
 
 async def test_one_holder_fencing_grows_and_a_lapsed_lease_is_taken_over(redis_url: str, namespace: str) -> None:
