@@ -176,7 +176,7 @@ class Publisher:
             except _TRANSIENT as exc:
                 if time.monotonic() >= give_up:
                     raise PublishFailed(f"{routing_key!r} not confirmed before the deadline: {exc!r}") from exc
-                log.warning("publish of %s failed (%r); retrying", routing_key, exc)
+                log.info("publish of %s failed (%r); retrying", routing_key, exc)
                 async with self._lock:
                     if self._channel is not None and self._channel.is_closed:
                         self._channel = None
@@ -242,13 +242,18 @@ class Consumer:
             await message.ack()  # a duplicate of a message whose effect is already recorded
             return
         try:
-            await self.handler(Delivery(env, message.reply_to, bool(message.redelivered)))
+            # Shielded: when a connection loss cancels this callback, the handler and the record of its effect still
+            # complete together, so the redelivered copy finds the id done instead of running the handler again.
+            await asyncio.shield(self._handle_and_record(env, message, key))
         except Exception as exc:
             await self.redis.delete(key)
             await self._failed(message, env, exc)
             return
-        await self.redis.set(key, _DONE, ex=self.done_ttl)
         await message.ack()
+
+    async def _handle_and_record(self, env: Envelope[Payload], message: AbstractIncomingMessage, key: str) -> None:
+        await self.handler(Delivery(env, message.reply_to, bool(message.redelivered)))
+        await self.redis.set(key, _DONE, ex=self.done_ttl)
 
     async def _claim(self, key: str) -> bool:
         """True when this delivery should run the handler; False when the id's effect is already recorded.
