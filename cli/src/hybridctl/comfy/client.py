@@ -195,6 +195,8 @@ class ComfyClient:
                 raise TimeoutError
             if ws is None or ws.closed:
                 ws = await self._connect_ws(ws_url)  # same clientId: ComfyUI keeps sending to it
+                if ws is None:
+                    await asyncio.sleep(0.2)
             if ws is not None:
                 try:
                     msg = await ws.receive(timeout=min(1.0, max(deadline - now, 0.01)))
@@ -227,10 +229,14 @@ class ComfyClient:
                 # Socket quiet or gone: history says if it finished; an empty history and an empty queue mean the
                 # server lost the job (restarted mid-job: comfyui.md, queue and history are lost).
                 last_poll = time.monotonic()
-                entry = await self.history(prompt_id)
+                try:
+                    entry = await self.history(prompt_id)
+                    queued = bool(entry) or await self.in_queue(prompt_id)
+                except (TimeoutError, aiohttp.ClientError):
+                    continue  # server unreachable for now (restarting?): keep trying until the deadline
                 if entry.get("status", {}).get("completed") or entry.get("status", {}).get("status_str") == "error":
                     return
-                if not entry and not await self.in_queue(prompt_id):
+                if not queued:
                     raise ComfyError(
                         f"job {prompt_id} vanished: not in /history nor /queue — the ComfyUI server restarted "
                         "mid-job and lost it; submit again"
