@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -203,3 +204,64 @@ def _wait(pred: object, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"{what} did not come up within {timeout}s")
+
+
+_TEST_NAMESPACE = re.compile(r"^t[0-9a-f]{10}[.:]")
+
+
+def _list_queue_names() -> list[str]:
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", "list_queues", "name", "-q", "--no-table-headers"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+async def _delete(amqp_url: str, queues: list[str], exchanges: list[str]) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(amqp_url, timeout=10)
+    async with conn:
+        for name in queues:
+            ch = await conn.channel()
+            with contextlib.suppress(Exception):
+                await ch.queue_delete(name)
+        for name in exchanges:
+            ch = await conn.channel()
+            with contextlib.suppress(Exception):
+                await ch.exchange_delete(name)
+
+
+def delete_broker_objects(amqp_url: str, queues: list[str], exchanges: list[str] = ()) -> None:  # type: ignore[assignment]
+    """Delete test queues/exchanges (quorum queues are heavy: hundreds left behind can stall a small broker)."""
+    import asyncio
+    import threading
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run(_delete(amqp_url, list(queues), list(exchanges)))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+
+
+def namespace_objects(namespace: str) -> tuple[list[str], list[str]]:
+    from hybrid_common.topology import OWNER_QUEUES, SUBSCRIPTIONS
+
+    queues = [f"{namespace}.{s.name}{suffix}" for s in (*OWNER_QUEUES, *SUBSCRIPTIONS) for suffix in ("", ".dead")]
+    exchanges = [f"{namespace}.{e}" for e in ("events", "commands", "dlx")]
+    return queues, exchanges
+
+
+def sweep_test_queues(amqp_url: str) -> int:
+    """Delete every queue a test namespace left on the broker (killed runs, test-only queue names)."""
+    names = [n for n in _list_queue_names() if _TEST_NAMESPACE.match(n)]
+    if names:
+        delete_broker_objects(amqp_url, names)
+    return len(names)
