@@ -81,10 +81,15 @@ class PublishFailed(RuntimeError):
     """No confirm within the publish deadline (broker down for longer than the caller allowed)."""
 
 
-async def connect(url: str, *, name: str = "hybrid") -> AbstractRobustConnection:
-    """A robust connection: reconnects and restores channels, QoS, topology and consumers (reliability.md)."""
+async def connect(url: str, *, name: str = "hybrid", timeout: float = 30.0) -> AbstractRobustConnection:
+    """A robust connection: reconnects and restores channels, QoS, topology and consumers (reliability.md).
+
+    ``timeout`` bounds each connection attempt from inside: a broker that accepts TCP but never finishes the AMQP
+    handshake (seen with a stalled RabbitMQ) must not hang the caller, and aio-pika's connect ignores an outer
+    cancellation while it is still connecting.
+    """
     return await aio_pika.connect_robust(
-        url, client_properties={"connection_name": name}, reconnect_interval=0.5, fail_fast=True
+        url, client_properties={"connection_name": name}, reconnect_interval=0.5, fail_fast=True, timeout=timeout
     )
 
 

@@ -45,7 +45,7 @@ KEY_TABLE: Final[tuple[KeySpec, ...]] = (
     KeySpec(
         "chain:view",
         "scheduler",
-        "CLI status, relay",
+        "CLI status, relay, provisioner",
         "permanent (overwritten)",
         "last good chain view (EpochObserved JSON) and its age",
     ),
@@ -91,7 +91,7 @@ KEY_TABLE: Final[tuple[KeySpec, ...]] = (
         "provisioner",
         "proxy, CLI status",
         "slot's life",
-        "slot record: job, instance, gateway ports, state",
+        "slot record: job (the one live job renting it), instance, state, node, release/start requests, label seq",
     ),
     KeySpec("gateway:ports", "provisioner", "proxy", "permanent", "hash slot_id → 'poc_port,inference_port'"),
     KeySpec(
@@ -119,6 +119,20 @@ KEY_TABLE: Final[tuple[KeySpec, ...]] = (
         "CLI status",
         "permanent (hash)",
         "per epoch and node: accepted, forwarded, duplicate, dead counts",
+    ),
+    KeySpec(
+        "relay:batch:{batch_id}",
+        "callback-relay",
+        "callback-relay",
+        "2 epochs",
+        "outcome of each accepted batch (forwarded | duplicate | dead:<reason>): counts it exactly once",
+    ),
+    KeySpec(
+        "relay:windows",
+        "callback-relay",
+        "callback-relay replicas, CLI status",
+        "permanent (hash, last 8 windows)",
+        "PoC windows learned from epoch.observed (poc_start → heights JSON) and the latest view",
     ),
     KeySpec(
         "status:{service}:{instance}",
@@ -192,6 +206,12 @@ class RedisKeys:
 
     def relay_stats(self) -> str:
         return self._k("relay", "stats")
+
+    def relay_batch(self, batch_id: str) -> str:
+        return self._k("relay", "batch", batch_id)
+
+    def relay_windows(self) -> str:
+        return self._k("relay", "windows")
 
     def status(self, service: str, instance: str) -> str:
         return self._k("status", service, instance)
