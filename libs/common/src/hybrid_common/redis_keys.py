@@ -125,7 +125,7 @@ KEY_TABLE: Final[tuple[KeySpec, ...]] = (
         "callback-relay",
         "callback-relay",
         "2 epochs",
-        "outcome of each accepted batch (forwarded | duplicate | dead:<reason>): counts it exactly once",
+        "outcome of each accepted batch (forwarded, duplicate or dead:<reason>): counts it exactly once",
     ),
     KeySpec(
         "relay:windows",

@@ -59,7 +59,16 @@ SUBSCRIPTIONS: Final[tuple[QueueSpec, ...]] = (
     QueueSpec(
         "scheduler.boots",
         "events",
-        ("instance.ready", "instance.failed", "instance.created", "node.registered", "job.*", "budget.blocked"),
+        (
+            "instance.ready",
+            "instance.failed",
+            "instance.created",
+            "node.registered",
+            "job.*",
+            "budget.blocked",
+            "instance.running",
+            "instance.destroyed",
+        ),
     ),
     QueueSpec("relay.epochs", "events", ("epoch.observed",)),
     QueueSpec("provisioner.epochs", "events", ("epoch.observed",)),

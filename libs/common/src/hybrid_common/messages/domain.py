@@ -60,6 +60,9 @@ class OfferFilter(BaseModel):
     max_dph: float | None = Field(default=None, gt=0)
     min_reliability: float | None = Field(default=None, ge=0, le=1)
     exclude_machine_ids: list[int] = Field(default_factory=list)
+    min_inet_down_mbps: float | None = Field(
+        default=None, gt=0, description="download bandwidth floor: the model download dominates an MLNode's boot"
+    )
 
 
 class PortMap(BaseModel):
