@@ -1,0 +1,210 @@
+"""Job records, slot records and gateway ports in Redis (keys from ``hybrid_common.redis_keys``; writer: us).
+
+- ``jobs``: hash job_id → :class:`Job` JSON. Written only by the holder of the job's lease (``lease:job:<id>``):
+  a compare-and-write script refuses a replica that lost its lease, so a paused replica cannot overwrite the
+  state its successor drives.
+- ``slot:<slot_id>``: hash — ``job`` (the one live job allowed to rent for the slot), ``instance``, ``state``,
+  ``release`` / ``start`` (requests from commands, read by the job's driver), ``seq:<epoch>`` (label counter).
+- ``gateway:ports``: hash slot_id → "poc_port,inference_port", allocated once per slot and kept (the dapi node of a
+  slot keeps its host and ports across GPUs: gonka-protocol.md §3, an upsert keeps ``node_num``).
+- ``idempotency:<key>``: a provision or release already applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from hybrid_common.redis_keys import RedisKeys
+from hybrid_provisioner.jobs.model import Job, ReleaseRequest
+
+IDEMPOTENCY_TTL = 7 * 24 * 3600
+TERMINAL_KEEP = 24 * 3600
+
+_FENCED_SAVE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+_CLAIM_SLOT = """
+local cur = redis.call('HGET', KEYS[1], 'job')
+if (not cur) or cur == ARGV[1] or cur == ARGV[2] then
+  redis.call('HSET', KEYS[1], 'job', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+_RELEASE_SLOT = """
+if redis.call('HGET', KEYS[1], 'job') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'job', 'instance')
+  redis.call('HSET', KEYS[1], 'state', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_ALLOCATE_PAIR = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then return cur end
+local used = {}
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+  for p in string.gmatch(v, '%d+') do used[tonumber(p)] = true end
+end
+local p = tonumber(ARGV[2])
+local last = tonumber(ARGV[3])
+while p + 1 <= last do
+  if not used[p] and not used[p + 1] then
+    local val = p .. ',' .. (p + 1)
+    redis.call('HSET', KEYS[1], ARGV[1], val)
+    return val
+  end
+  p = p + 2
+end
+return false
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def job_id_for(idempotency_key: str, slot_id: str) -> str:
+    """Deterministic: a redelivered or re-sent provision maps to the same job ids (idempotent by construction)."""
+    digest = hashlib.sha256(f"{idempotency_key}\x00{slot_id}".encode()).hexdigest()[:12]
+    return f"{slot_id}.{digest}"
+
+
+def lease_role(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+class JobStore:
+    def __init__(self, redis: Redis, keys: RedisKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    # ---- jobs
+
+    async def create(self, jobs: list[Job], idempotency_key: str) -> list[Job]:
+        """Record jobs that do not exist yet (HSETNX) and the idempotency key, in one transaction."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for job in jobs:
+                pipe.hsetnx(self.keys.jobs(), job.job_id, job.model_dump_json())
+            pipe.set(self.keys.idempotency(idempotency_key), b"provision", ex=IDEMPOTENCY_TTL)
+            results = await pipe.execute()
+        return [job for job, created in zip(jobs, results[: len(jobs)], strict=True) if created]
+
+    async def seen(self, idempotency_key: str) -> bool:
+        return bool(await self.redis.exists(self.keys.idempotency(idempotency_key)))
+
+    async def mark_seen(self, idempotency_key: str, what: str) -> None:
+        await self.redis.set(self.keys.idempotency(idempotency_key), what.encode(), ex=IDEMPOTENCY_TTL)
+
+    async def load(self, job_id: str) -> Job | None:
+        raw = await self.redis.hget(self.keys.jobs(), job_id)
+        return Job.model_validate_json(raw) if raw else None
+
+    async def all(self) -> list[Job]:
+        raw = await self.redis.hgetall(self.keys.jobs())
+        out = []
+        for value in raw.values():
+            try:
+                out.append(Job.model_validate_json(value))
+            except ValueError:
+                continue
+        return out
+
+    async def save(self, job: Job, holder: str) -> bool:
+        """Write ``job`` if ``holder`` still holds its lease (fenced); False when the lease is lost."""
+        ok = await self.redis.eval(
+            _FENCED_SAVE,
+            2,
+            self.keys.lease(lease_role(job.job_id)),
+            self.keys.jobs(),
+            holder,
+            job.job_id,
+            job.model_dump_json(),
+        )
+        return bool(ok)
+
+    async def forget_old(self, now: float | None = None) -> int:
+        """Drop terminal jobs older than a day ("until job ends + 1 day") and their fence counters."""
+        at = now or time.time()
+        gone = [j for j in await self.all() if j.terminal and j.ended_at and at - j.ended_at > TERMINAL_KEEP]
+        if gone:
+            await self.redis.hdel(self.keys.jobs(), *[j.job_id for j in gone])
+            await self.redis.delete(*[self.keys.fence(lease_role(j.job_id)) for j in gone])
+        return len(gone)
+
+    # ---- slots
+
+    async def claim_slot(self, slot_id: str, job_id: str, stale_job: str | None = None) -> bool:
+        """Make ``job_id`` the one job renting for ``slot_id`` (taking over ``stale_job``'s claim if given)."""
+        ok = await self.redis.eval(_CLAIM_SLOT, 1, self.keys.slot(slot_id), job_id, stale_job or job_id)
+        return bool(ok)
+
+    async def slot_owner(self, slot_id: str) -> str | None:
+        raw = await self.redis.hget(self.keys.slot(slot_id), "job")
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def free_slot(self, slot_id: str, job_id: str, state: str) -> None:
+        await self.redis.eval(_RELEASE_SLOT, 1, self.keys.slot(slot_id), job_id, state)
+
+    async def set_slot(self, slot_id: str, **fields: Any) -> None:
+        mapping: dict[str | bytes, str | bytes] = {
+            k: (v if isinstance(v, (str, bytes)) else orjson.dumps(v)) for k, v in fields.items()
+        }
+        await self.redis.hset(self.keys.slot(slot_id), mapping=mapping)  # type: ignore[arg-type]
+
+    async def slot(self, slot_id: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.slot(slot_id))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def next_label_seq(self, slot_id: str, epoch: str) -> int:
+        return int(await self.redis.hincrby(self.keys.slot(slot_id), f"seq:{epoch}", 1))
+
+    async def request_release(self, slot_id: str, request: ReleaseRequest) -> None:
+        await self.redis.hset(self.keys.slot(slot_id), "release", request.model_dump_json())
+
+    async def release_request(self, slot_id: str) -> ReleaseRequest | None:
+        raw = await self.redis.hget(self.keys.slot(slot_id), "release")
+        return ReleaseRequest.model_validate_json(raw) if raw else None
+
+    async def request_start(self, slot_id: str, at: float) -> None:
+        await self.redis.hset(self.keys.slot(slot_id), "start", str(at))
+
+    async def start_request(self, slot_id: str) -> float | None:
+        raw = await self.redis.hget(self.keys.slot(slot_id), "start")
+        return float(raw) if raw else None
+
+    # ---- gateway ports
+
+    async def gateway_ports(self, slot_id: str, first: int, last: int) -> tuple[int, int] | None:
+        """The slot's gateway port pair, allocated on first use and stable for the slot's life."""
+        raw = await self.redis.eval(_ALLOCATE_PAIR, 1, self.keys.gateway_ports(), slot_id, first, last)
+        if not raw:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        poc, inference = (int(p) for p in text.split(","))
+        return poc, inference
+
+    # ---- instance views (CLI status)
+
+    async def put_instance(self, instance_id: int, view: dict[str, Any]) -> None:
+        await self.redis.hset(self.keys.instances(), str(instance_id), orjson.dumps(view))
+
+    async def instance_views(self) -> dict[int, dict[str, Any]]:
+        raw = await self.redis.hgetall(self.keys.instances())
+        return {int(k): orjson.loads(v) for k, v in raw.items()}
+
+    async def drop_instance_views(self, ids: list[int]) -> None:
+        if ids:
+            await self.redis.hdel(self.keys.instances(), *[str(i) for i in ids])
