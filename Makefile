@@ -1,5 +1,8 @@
 # gonka-hybrid — two commands for a newcomer: `make run` and `make test`.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# pip on this machine warns about file:// indexes that do not exist; keep real errors only.
+QUIET_PIP := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 PY ?= python3.11
 UV_HOME := .uv
 UV := $(UV_HOME)/bin/uv
@@ -16,7 +19,8 @@ export UV_SYSTEM_CERTS := 1
 
 $(UV):
 	$(PY) -m venv $(UV_HOME)
-	$(UV_HOME)/bin/pip install -q uv==0.13.8
+	$(UV_HOME)/bin/pip install -q uv==0.13.8 $(QUIET_PIP)
+	test -x $(UV)
 
 $(VENV)/.synced: $(UV) uv.lock pyproject.toml $(wildcard */pyproject.toml */*/pyproject.toml)
 	$(UV) sync --all-packages --frozen --quiet
@@ -27,7 +31,8 @@ venv: $(VENV)/.synced
 # The official vastai CLI (fidelity tests) lives in its own venv: its pins are not ours.
 $(TOOLS)/vastai/bin/vastai:
 	$(PY) -m venv $(TOOLS)/vastai
-	$(TOOLS)/vastai/bin/pip install -q vastai==1.9.1
+	$(TOOLS)/vastai/bin/pip install -q vastai==1.9.1 $(QUIET_PIP)
+	test -x $@
 
 tools: $(TOOLS)/vastai/bin/vastai
 
