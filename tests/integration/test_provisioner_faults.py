@@ -12,6 +12,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from hybrid_common.messages.commands import Provision, Reconcile, Release
 from hybrid_common.messages.domain import FailureCause
 from hybrid_common.messages.events import (
@@ -30,6 +32,8 @@ from hybrid_provisioner.vast import VastClient
 from tests.integration.test_provisioner_kit import ProvisionerWorld
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.slow
 async def test_faults_end_ready_elsewhere_or_clearly_failed_with_no_orphans(
     amqp_url: str, redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -72,7 +76,7 @@ async def test_faults_end_ready_elsewhere_or_clearly_failed_with_no_orphans(
             )
         )
         registered = lambda: {e.slot_id for e in w.events.of(NodeRegistered)} >= set(ok_slots)  # noqa: E731
-        await w.wait(registered, 120, "every recoverable slot registered")
+        await w.wait(registered, 240, "every recoverable slot registered")
 
         failed = w.events.of(InstanceFailed)
         causes = {(f.slot_id, f.cause) for f in failed}
@@ -96,14 +100,14 @@ async def test_faults_end_ready_elsewhere_or_clearly_failed_with_no_orphans(
         first_reg = w.events.of(NodeRegistered, slot_id="foff")[0]
         first_ready = w.events.of(InstanceReady, slot_id="foff")[0]
         w.vast.inject(kind="host_offline", instance_id=first_ready.instance_id)
-        await w.wait(lambda: len(w.events.of(NodeRegistered, slot_id="foff")) >= 2, 60, "foff re-registered")
+        await w.wait(lambda: len(w.events.of(NodeRegistered, slot_id="foff")) >= 2, 120, "foff re-registered")
         again = w.events.of(NodeRegistered, slot_id="foff")[-1]
         assert (again.poc_port, again.inference_port) == (first_reg.poc_port, first_reg.inference_port)
         assert (("foff", FailureCause.HOST_OFFLINE)) in {(f.slot_id, f.cause) for f in w.events.of(InstanceFailed)}
         assert w.events.of(InstanceReady, slot_id="foff")[-1].instance_id != first_ready.instance_id
 
         # The image no registry has: a clear failure after the create budget, nothing left behind.
-        await w.wait(lambda: w.events.of(JobFailed, slot_id="fbad"), 60, "fbad failed")
+        await w.wait(lambda: w.events.of(JobFailed, slot_id="fbad"), 120, "fbad failed")
         job_failed = w.events.of(JobFailed, slot_id="fbad")[0]
         assert job_failed.cause == FailureCause.PULL_FAILED
         bad = w.events.of(InstanceFailed, slot_id="fbad")
@@ -114,9 +118,9 @@ async def test_faults_end_ready_elsewhere_or_clearly_failed_with_no_orphans(
 
         await w.publish(Release(idempotency_key=f"{namespace}-r", slot_ids=ok_slots, epoch_index=7))
         done = lambda: {e.slot_id for e in w.events.of(JobCompleted)} >= set(ok_slots)  # noqa: E731
-        await w.wait(done, 60, "every slot released")
+        await w.wait(done, 120, "every slot released")
         await w.publish(Reconcile(reason="test"))
-        await w.wait(lambda: w.vast.ledger()["instances_live"] == 0, 20, "0 orphans")
+        await w.wait(lambda: w.vast.ledger()["instances_live"] == 0, 40, "0 orphans")
         for slot in ok_slots:
             live_at_once = w.instances_of(slot)
             assert all(r["destroyed"] for r in live_at_once)
@@ -140,16 +144,16 @@ async def test_deadline_hedge_races_a_second_offer_and_destroys_the_loser(
                 deadline=deadline,
             )
         )
-        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="hedge"), 40, "the hedged slot registered")
+        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="hedge"), 80, "the hedged slot registered")
         assert w.events.of(NodeRegistered, slot_id="hedge")[0].before_deadline
         created = w.events.of(InstanceCreated, slot_id="hedge")
         assert [c.hedge for c in created] == [False, True]
         ready = w.events.of(InstanceReady, slot_id="hedge")[0]
         assert ready.instance_id == created[1].instance_id
-        await w.wait(lambda: w.events.of(InstanceDestroyed, slot_id="hedge"), 20, "the loser destroyed")
+        await w.wait(lambda: w.events.of(InstanceDestroyed, slot_id="hedge"), 40, "the loser destroyed")
         loser = w.events.of(InstanceDestroyed, slot_id="hedge")[0]
         assert loser.instance_id == created[0].instance_id and loser.reason == "hedge lost"
         live = [r["id"] for r in w.instances_of("hedge") if not r["destroyed"]]
         assert live == [created[1].instance_id], "after the race the slot has one instance"
         await w.publish(Release(idempotency_key=f"{namespace}-r", slot_ids=["hedge"], epoch_index=2))
-        await w.wait(lambda: w.vast.ledger()["instances_live"] == 0, 30, "released")
+        await w.wait(lambda: w.vast.ledger()["instances_live"] == 0, 60, "released")

@@ -42,7 +42,7 @@ async def test_two_mlnode_slots_registered_through_the_front_then_released(
                 deadline=deadline,
             )
         )
-        await w.wait(lambda: len(w.events.of(NodeRegistered)) >= 2, 60, "both slots registered")
+        await w.wait(lambda: len(w.events.of(NodeRegistered)) >= 2, 120, "both slots registered")
         registered = {e.slot_id: e for e in w.events.of(NodeRegistered)}
         assert set(registered) == set(slots)
         assert all(e.before_deadline for e in registered.values())
@@ -71,10 +71,10 @@ async def test_two_mlnode_slots_registered_through_the_front_then_released(
         validation_end = (
             poc_start + shape.poc_stage_duration + shape.poc_validation_delay + shape.poc_validation_duration
         )
-        await w.wait(lambda: w.dapi.height >= validation_end + 6, 90, "end of PoC validation + sync margin")
+        await w.wait(lambda: w.dapi.height >= validation_end + 6, 180, "end of PoC validation + sync margin")
         report = w.dapi.report()
         await w.publish(Release(idempotency_key=f"{namespace}-r0", slot_ids=slots, epoch_index=0, how="delete"))
-        await w.wait(lambda: len(w.events.of(JobCompleted)) >= 2, 30, "both jobs completed")
+        await w.wait(lambda: len(w.events.of(JobCompleted)) >= 2, 60, "both jobs completed")
         assert {e.outcome for e in w.events.of(JobCompleted)} == {"released"}
         assert {e.slot_id for e in w.events.of(NodeDeregistered)} == set(slots)
         destroyed = w.events.of(InstanceDestroyed)
@@ -99,15 +99,15 @@ async def test_next_epochs_rental_waits_for_the_slot_and_keeps_its_node_and_port
         await w.publish(
             Provision(idempotency_key=f"{namespace}-1", profile="mlnode-v1", slot_ids=["keep"], epoch_index=1)
         )
-        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="keep"), 40, "epoch 1 registered")
+        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="keep"), 80, "epoch 1 registered")
         first = (await w.admin_nodes())["keep"]
         # The next epoch's provision for the same slot waits: one live job (and instance) per slot.
         await w.publish(
             Provision(idempotency_key=f"{namespace}-2", profile="mlnode-v1", slot_ids=["keep"], epoch_index=2)
         )
-        await w.wait(lambda: len(w.events.of(JobAccepted, slot_id="keep")) == 2, 20, "epoch 2 accepted")
+        await w.wait(lambda: len(w.events.of(JobAccepted, slot_id="keep")) == 2, 40, "epoch 2 accepted")
         await w.publish(Release(idempotency_key=f"{namespace}-r1", slot_ids=["keep"], epoch_index=1, how="disable"))
-        await w.wait(lambda: len(w.events.of(NodeRegistered, slot_id="keep")) == 2, 40, "epoch 2 registered")
+        await w.wait(lambda: len(w.events.of(NodeRegistered, slot_id="keep")) == 2, 80, "epoch 2 registered")
         second = (await w.admin_nodes())["keep"]
         regs = w.events.of(NodeRegistered, slot_id="keep")
         assert (regs[0].poc_port, regs[0].inference_port) == (regs[1].poc_port, regs[1].inference_port)
@@ -118,7 +118,7 @@ async def test_next_epochs_rental_waits_for_the_slot_and_keeps_its_node_and_port
         assert len(created) == 2 and created[0].label != created[1].label
         assert created[0].label == f"{w.label_prefix}-keep-1" and created[1].label == f"{w.label_prefix}-keep-2"
         await w.publish(Release(idempotency_key=f"{namespace}-r2", slot_ids=["keep"], epoch_index=2))
-        await w.wait(lambda: len(w.events.of(JobCompleted, slot_id="keep")) == 2, 30, "both released")
+        await w.wait(lambda: len(w.events.of(JobCompleted, slot_id="keep")) == 2, 60, "both released")
         assert w.vast.ledger()["instances_live"] == 0
         one, two = sorted(w.instances_of("keep"), key=lambda r: r["created_at"])
         assert two["created_at"] >= one["destroyed_at"], "the slot never had two instances at once"

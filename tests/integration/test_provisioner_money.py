@@ -46,11 +46,11 @@ async def test_budget_cap_blocks_the_rental_that_would_exceed_it(
         await w.publish(
             Provision(idempotency_key=f"{namespace}-a", profile="mlnode-v1", slot_ids=["cash-a"], deadline=deadline)
         )
-        await w.wait(lambda: w.events.of(InstanceCreated, slot_id="cash-a"), 30, "the first rental")
+        await w.wait(lambda: w.events.of(InstanceCreated, slot_id="cash-a"), 60, "the first rental")
         await w.publish(
             Provision(idempotency_key=f"{namespace}-b", profile="mlnode-v1", slot_ids=["cash-b"], deadline=deadline)
         )
-        await w.wait(lambda: w.events.of(JobFailed, slot_id="cash-b"), 30, "the second rental refused")
+        await w.wait(lambda: w.events.of(JobFailed, slot_id="cash-b"), 60, "the second rental refused")
         blocked = w.events.of(BudgetBlocked)
         assert len(blocked) == 1 and blocked[0].scope == "day" and blocked[0].cap_usd == 1.0
         assert blocked[0].spent_usd + blocked[0].estimated_usd > 1.0
@@ -60,9 +60,9 @@ async def test_budget_cap_blocks_the_rental_that_would_exceed_it(
         assert len(w.instances_of("cash-a")) == 1
 
         # The cost ledger: the destroyed instance's final cost, booked once, close to what Vast billed.
-        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="cash-a"), 30, "cash-a registered")
+        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="cash-a"), 60, "cash-a registered")
         await w.publish(Release(idempotency_key=f"{namespace}-r", slot_ids=["cash-a"], how="disable"))
-        await w.wait(lambda: w.events.of(JobCompleted, slot_id="cash-a"), 30, "released")
+        await w.wait(lambda: w.events.of(JobCompleted, slot_id="cash-a"), 60, "released")
         destroyed = w.events.of(InstanceDestroyed, slot_id="cash-a")[0]
         billed = w.instances_of("cash-a")[0]
         assert billed["destroyed"]
@@ -106,12 +106,12 @@ async def test_reconciler_destroys_unowned_labelled_instances_and_destroy_all_la
     async with ProvisionerWorld(amqp_url, redis_url, namespace, tmp_path, boot_scale=0.2, vast_rate_limits=False) as w:
         w.start_replica(PROVISIONER_RECONCILE_INTERVAL="1000")
         await w.publish(Provision(idempotency_key=f"{namespace}-o", profile="mlnode-v1", slot_ids=["owned"]))
-        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="owned"), 40, "a live job's instance")
+        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="owned"), 80, "a live job's instance")
         vast = VastClient(w.vast.url, "test")
         ghost = await _rent_directly(vast, f"{w.label_prefix}-ghost-9")
         foreign = await _rent_directly(vast, "someone-else-1")
         await w.publish(Reconcile(reason="test"))
-        await w.wait(lambda: w.events.of(OrphanDestroyed), 20, "the orphan destroyed")
+        await w.wait(lambda: w.events.of(OrphanDestroyed), 40, "the orphan destroyed")
         assert [o.instance_id for o in w.events.of(OrphanDestroyed)] == [ghost]
         live = {r["id"] for r in w.live_instances()}
         assert ghost not in live and foreign in live
@@ -132,8 +132,8 @@ async def test_reconciler_destroys_unowned_labelled_instances_and_destroy_all_la
 
         # Emergency: every labelled instance goes, and the live job is released instead of renting again.
         await w.publish(Destroy(all_labelled=True, reason="test"))
-        await w.wait(lambda: owned not in {r["id"] for r in w.live_instances()}, 20, "the owned instance destroyed")
-        await w.wait(lambda: w.events.of(JobCompleted, slot_id="owned"), 20, "the job released")
+        await w.wait(lambda: owned not in {r["id"] for r in w.live_instances()}, 40, "the owned instance destroyed")
+        await w.wait(lambda: w.events.of(JobCompleted, slot_id="owned"), 40, "the job released")
         assert {r["id"] for r in w.live_instances()} == {foreign}
 
         # The same without broker or service: python -m hybrid_provisioner destroy --all-labelled.
@@ -143,6 +143,6 @@ async def test_reconciler_destroys_unowned_labelled_instances_and_destroy_all_la
             r.stop()
         cli = ManagedProcess(["-m", "hybrid_provisioner", "destroy", "--all-labelled"], env=w.env(), name="cli")
         cli.start()
-        await w.wait(lambda: not cli.alive(), 30, "the emergency command done")
+        await w.wait(lambda: not cli.alive(), 60, "the emergency command done")
         assert str(leftover) in cli.output()
         assert {r["id"] for r in w.live_instances()} == {foreign}

@@ -52,7 +52,7 @@ async def test_comfyui_ready_only_through_its_auth_proxy_with_a_cuda_device(
                 env={"WEB_PASSWORD": password, "PORTAL_CONFIG": "localhost:1111:11111:/:Instance Portal"},
             )
         )
-        await w.wait(lambda: w.events.of(InstanceReady, slot_id="comfy-1"), 60, "comfyui ready")
+        await w.wait(lambda: w.events.of(InstanceReady, slot_id="comfy-1"), 120, "comfyui ready")
         reach = w.events.of(InstanceReachable, slot_id="comfy-1")[-1]
         assert reach.gateway_poc_port is None and reach.ssh_host and reach.ssh_port, "comfyui: no front, SSH details"
         port = next(m.host_port for m in reach.ports if m.container_port == 8188)
@@ -81,8 +81,8 @@ async def test_comfyui_ready_only_through_its_auth_proxy_with_a_cuda_device(
         )
         assert not w.events.of(InstanceReady, slot_id="comfy-dark")
         await w.publish(Release(idempotency_key=f"{namespace}-r", slot_ids=["comfy-1", "comfy-dark"]))
-        await w.wait(lambda: w.events.of(JobCompleted, slot_id="comfy-1"), 30, "released")
-        await w.wait(lambda: w.vast.ledger()["instances_live"] == 0, 30, "nothing left running")
+        await w.wait(lambda: w.events.of(JobCompleted, slot_id="comfy-1"), 60, "released")
+        await w.wait(lambda: w.vast.ledger()["instances_live"] == 0, 60, "nothing left running")
 
 
 async def test_mlnode_v2_ready_only_with_the_poc_model_served(
@@ -100,7 +100,7 @@ async def test_mlnode_v2_ready_only_with_the_poc_model_served(
                 register_node=False,
             )
         )
-        await w.wait(lambda: w.events.of(InstanceReady, slot_id="v2-a"), 60, "v2 slot ready")
+        await w.wait(lambda: w.events.of(InstanceReady, slot_id="v2-a"), 120, "v2 slot ready")
         created = w.events.of(InstanceCreated, slot_id="v2-a")[-1]
         assert created.num_gpus >= 2 and created.gpu_name in {"H100 SXM", "H100 PCIE", "H200", "B200", "A100 SXM4"}
         offer = w.vast.world.instances[created.instance_id].offer
@@ -115,7 +115,7 @@ async def test_mlnode_v2_ready_only_with_the_poc_model_served(
         assert ready.instance_id == created.instance_id
         assert not w.events.of(NodeRegistered), "register_node=false"
         await w.publish(Release(idempotency_key=f"{namespace}-r", slot_ids=["v2-a"], epoch_index=1))
-        await w.wait(lambda: w.events.of(JobCompleted, slot_id="v2-a"), 30, "released")
+        await w.wait(lambda: w.events.of(JobCompleted, slot_id="v2-a"), 60, "released")
         assert w.vast.ledger()["instances_live"] == 0
 
 
@@ -127,20 +127,20 @@ async def test_standby_prepulled_stopped_then_started_on_command(
         await w.publish(
             Provision(idempotency_key=f"{namespace}-s", profile="mlnode-v1", slot_ids=["standby"], start_stopped=True)
         )
-        await w.wait(lambda: w.events.of(InstanceCreated, slot_id="standby"), 30, "created stopped")
+        await w.wait(lambda: w.events.of(InstanceCreated, slot_id="standby"), 60, "created stopped")
         created = w.events.of(InstanceCreated, slot_id="standby")[0]
         assert created.stopped
 
         async def in_standby() -> bool:
             return any(j["state"] == "standby" for j in (await w.jobs()).values())
 
-        await w.wait(in_standby, 30, "the job in standby (image pulled, instance stopped)")
+        await w.wait(in_standby, 60, "the job in standby (image pulled, instance stopped)")
         row = w.instances_of("standby")[0]
         assert row["actual_status"] == "stopped" and row["billed_gpu_seconds"] == 0, "stopped: no GPU billing"
         assert not w.events.of(InstanceReady)
         await w.publish(StartStandby(slot_ids=["standby"]))
-        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="standby"), 30, "started and registered")
+        await w.wait(lambda: w.events.of(NodeRegistered, slot_id="standby"), 60, "started and registered")
         assert w.events.of(InstanceReady, slot_id="standby")[0].instance_id == created.instance_id
         assert len(w.instances_of("standby")) == 1
         await w.publish(Release(idempotency_key=f"{namespace}-r", slot_ids=["standby"]))
-        await w.wait(lambda: w.vast.ledger()["instances_live"] == 0, 30, "released")
+        await w.wait(lambda: w.vast.ledger()["instances_live"] == 0, 60, "released")
