@@ -4,29 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from hybrid_common.bus import Publisher, Unroutable, connect
 from hybrid_common.messages import REGISTRY, InvalidMessage
 from hybrid_common.settings import CommonSettings
-from hybrid_common.topology import Topology
+from hybridctl import check, commands, queries, status
+from hybridctl.output import console, err, fail
+
+__all__ = ["app", "console", "err", "fail"]
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Operate gonka-hybrid: status and commands.")
-console = Console()
-err = Console(stderr=True)
+app.command()(status.status)
+app.command()(commands.provision)
+app.command()(commands.release)
+app.command()(commands.destroy)
+app.command()(commands.reconcile)
+app.command()(commands.pause)
+app.command()(commands.resume)
+app.command()(commands.rehearse)
+app.command()(queries.offers)
+app.command()(queries.logs)
+app.add_typer(queries.tunnel_app, name="tunnel")
+app.command()(check.check)
 
 
 @app.callback()
 def _root() -> None:
     """gonka-hybrid operator commands (MODE, AMQP_URL, REDIS_URL from the environment or .env)."""
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
+    # The CLI reports connection failures itself, naming the endpoint; the libraries' own log lines would repeat them.
+    for name in ("aio_pika", "aiormq", "hybrid"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @app.command()
@@ -43,6 +53,9 @@ def publish(
         body = model.model_validate(json.loads(payload))
     except (json.JSONDecodeError, ValueError) as exc:
         raise fail(f"invalid payload for {message_type!r}: {InvalidMessage(str(exc))}") from None
+    from hybrid_common.bus import Publisher, Unroutable, connect
+    from hybrid_common.topology import Topology
+
     settings = CommonSettings()
 
     async def go() -> str:
