@@ -12,6 +12,7 @@ import typer
 from hybrid_common.messages import REGISTRY, InvalidMessage
 from hybrid_common.settings import CommonSettings
 from hybridctl import check, commands, queries, status
+from hybridctl.comfy.commands import comfy_app
 from hybridctl.output import console, err, fail
 
 __all__ = ["app", "console", "err", "fail"]
@@ -29,6 +30,7 @@ app.command()(queries.offers)
 app.command()(queries.logs)
 app.add_typer(queries.tunnel_app, name="tunnel")
 app.command()(check.check)
+app.add_typer(comfy_app, name="comfy")
 
 
 @app.callback()

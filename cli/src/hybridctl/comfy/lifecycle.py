@@ -1,0 +1,177 @@
+"""Renting and releasing a ComfyUI instance through the provisioner (the one owner of Vast.ai).
+
+``create`` publishes a ``provision`` of the ``comfyui`` profile for a slot of its own (no dapi registration) and
+follows the provisioner's events on a private, auto-deleted queue until ``instance.ready`` (or a final failure);
+``instance.reachable`` carries the SSH details the local tunnel needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hybrid_common.bus import Publisher, connect
+from hybrid_common.messages import parse
+from hybrid_common.messages.commands import Provision, Release
+from hybrid_common.messages.domain import OfferFilter, Purpose
+from hybrid_common.messages.events import InstanceFailed, InstanceReachable, InstanceReady, JobFailed
+from hybrid_common.settings import CommonSettings
+from hybrid_common.topology import Topology
+
+
+class ComfyCreateError(RuntimeError):
+    pass
+
+
+@dataclass
+class ComfyConfig:
+    offer_filter: OfferFilter
+    image: str | None
+    env: dict[str, str]
+    ssh_key: str | None
+
+    @classmethod
+    def load(cls, path: Path) -> ComfyConfig:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ComfyCreateError(f"config file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ComfyCreateError(f"config file {str(path)!r} is not YAML/JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ComfyCreateError(f"config file {str(path)!r} must be a mapping")
+        known = {
+            "gpu_names",
+            "min_vram_gb",
+            "max_dph",
+            "min_gpus",
+            "min_reliability",
+            "image",
+            "env",
+            "ssh_key",
+            "disk_gb",
+        }
+        unknown = set(raw) - known
+        if unknown:
+            raise ComfyCreateError(f"config {str(path)!r}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        try:
+            offer = OfferFilter(
+                **{
+                    k: raw[k]
+                    for k in ("gpu_names", "min_vram_gb", "max_dph", "min_gpus", "min_reliability")
+                    if k in raw
+                }
+            )
+        except ValueError as exc:
+            raise ComfyCreateError(f"config {str(path)!r}: {exc}") from None
+        env = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}
+        return cls(offer, raw.get("image"), env, raw.get("ssh_key"))
+
+
+@dataclass
+class CreatedInstance:
+    slot_id: str
+    instance_id: int
+    ssh_host: str
+    ssh_port: int
+    gpu_name: str
+    seconds: float
+
+
+async def create(
+    settings: CommonSettings,
+    config: ComfyConfig,
+    slot_id: str,
+    *,
+    timeout: float,
+    on_event: Callable[[str], None] | None = None,
+) -> CreatedInstance:
+    topology = Topology(settings.namespace)
+    conn = await connect(settings.amqp_url, name="hybridctl-comfy", timeout=10)
+    started = time.monotonic()
+    try:
+        channel = await conn.channel()
+        await topology.declare_exchanges(channel)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in ("instance.*", "job.*"):
+            await queue.bind(topology.events, routing_key=key)
+        events: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def on_message(message: Any) -> None:
+            async with message.process():
+                try:
+                    env = parse(message.body)
+                except ValueError:
+                    return
+                if getattr(env.payload, "slot_id", None) == slot_id:
+                    await events.put(env.payload)
+
+        await queue.consume(on_message)
+        publisher = Publisher(conn, topology, "hybridctl", deadline=10)
+        await publisher.publish(
+            Provision(
+                idempotency_key=f"comfy-{slot_id}-{uuid.uuid4().hex[:8]}",
+                profile="comfyui",
+                slot_ids=[slot_id],
+                purpose=Purpose.COMFYUI,
+                register_node=False,
+                hedge=False,
+                offer_filter=config.offer_filter,
+                image=config.image,
+                env=config.env,
+            )
+        )
+        reachable: InstanceReachable | None = None
+        deadline = started + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ComfyCreateError(f"ComfyUI on slot {slot_id} not ready after {timeout:.0f} s")
+            try:
+                ev = await asyncio.wait_for(events.get(), remaining)
+            except TimeoutError:
+                continue
+            if on_event:
+                on_event(type(ev).TYPE)
+            if isinstance(ev, InstanceReachable):
+                reachable = ev
+            elif isinstance(ev, InstanceReady):
+                if reachable is None or not reachable.ssh_host or not reachable.ssh_port:
+                    raise ComfyCreateError(
+                        f"instance {ev.instance_id} is ready but offers no SSH (runtype without SSH?): no tunnel "
+                        "possible; the comfyui profile needs an ssh runtype"
+                    )
+                return CreatedInstance(
+                    slot_id,
+                    ev.instance_id,
+                    reachable.ssh_host,
+                    reachable.ssh_port,
+                    ev.gpu_name,
+                    time.monotonic() - started,
+                )
+            elif isinstance(ev, JobFailed) or (isinstance(ev, InstanceFailed) and not ev.will_retry):
+                raise ComfyCreateError(f"renting ComfyUI for {slot_id} failed: {ev.cause}: {ev.message}")
+    finally:
+        await conn.close()
+
+
+async def release(settings: CommonSettings, slot_id: str) -> None:
+    conn = await connect(settings.amqp_url, name="hybridctl-comfy", timeout=10)
+    try:
+        await Publisher(conn, Topology(settings.namespace), "hybridctl", deadline=10).publish(
+            Release(
+                idempotency_key=f"comfy-release-{slot_id}-{uuid.uuid4().hex[:8]}",
+                slot_ids=[slot_id],
+                how="delete",
+                reason="comfy destroy",
+            )
+        )
+    finally:
+        await conn.close()
