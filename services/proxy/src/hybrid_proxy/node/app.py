@@ -2,8 +2,9 @@
 
 Why aiohttp.web: the next issue demands ≥ 5,000 req/s (≥ 2,000 streaming) from one worker; on this machine bare
 aiohttp.web measured ~6,500 / ~4,500 against Starlette + aiohttp client ~6,000 / ~2,100 and FastAPI + httpx ~450
-(the team's figures, issue #10). So: aiohttp server and client, no middleware (the source allowlist wraps handlers
-only when configured), exact routes resolved from aiohttp's index.
+(the team's figures, issue #10). So: aiohttp server, no middleware (the source allowlist wraps handlers only when
+configured), exact routes resolved from aiohttp's index, and generations sent upstream through the lean keep-alive
+pool of ``upstream_pool`` (aiohttp's client cost over half of the CPU per request: ~0.19 → ~0.09 ms, issue #10).
 
 Version prefixes (gonka-protocol.md §1): the dapi calls ``/{version}/api/v1/...`` and ``/{version}/v1/...``, and
 whatever answers for a node must accept both prefixed and bare paths. Bare paths are ordinary routes; everything

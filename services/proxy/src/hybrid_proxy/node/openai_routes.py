@@ -29,6 +29,7 @@ from hybrid_proxy.node.errors import JSON, json_response, openai_error, openai_e
 from hybrid_proxy.node.model_map import ModelMap
 from hybrid_proxy.node.tokens import estimate, scan_usage
 from hybrid_proxy.node.upstream import Answer, UpstreamClient, UpstreamFailure
+from hybrid_proxy.node.upstream_pool import UpstreamConnectionError
 from hybrid_proxy.node.validation import ValidationRouter, is_validation
 
 log = logging.getLogger("hybrid.proxy.inference")
@@ -175,7 +176,7 @@ class OpenAIRoutes:
             metrics.added_latency(route).observe((sent_at - started) + (first_at - answer.received_at))
             carry = b""
             first = True
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream:  # the bytes of each socket read, unparsed
                 if mm:
                     chunk = carry + chunk
                     cut = chunk.rfind(b"\n") + 1
@@ -194,7 +195,7 @@ class OpenAIRoutes:
             await out.write_eof()
             complete = True
             metrics.requests(route, answer.status).inc()
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError) as exc:
+        except (UpstreamConnectionError, TimeoutError) as exc:
             # The upstream broke off mid-stream: nothing can be retried after bytes went out. Drop the client's
             # connection too, so the stream cannot pass for a complete one.
             log.warning("%s: upstream stream broke off: %r", route, exc)

@@ -3,15 +3,18 @@
 inference-proxy.md, applied:
 - one client per process, created at start, its pool sized above the dapi's concurrency;
 - no default timeouts that cut long generations: the only read limit is the longest *silence* from the upstream
-  (``PROXY_UPSTREAM_READ_TIMEOUT``, default 15 minutes like the dapi's own client), never a total;
+  (``PROXY_UPSTREAM_READ_TIMEOUT``), never a total;
 - idle keep-alive kept below the upstream's so a pooled connection is not reused just as the upstream drops it;
 - headers built from scratch: the upstream key, JSON, ``identity`` encoding — the caller's ``Authorization`` and
   everything else it sent stay here;
 - retries only before the first byte reaches the client: a refused connection, a connection dropped before the
   answer, and 429/5xx answers whose body has not been relayed are retried with capped, jittered backoff.
 
-Why aiohttp and not httpx: the team measured on this machine, at concurrency 32, bare FastAPI + httpx collapsing to
-~450 req/s (pool contention) while an aiohttp client behind Starlette did ~6,000 (issue #10 needs ≥ 5,000).
+Generations (the hot path, :meth:`UpstreamClient.exchange`) go through :class:`UpstreamPool`, a lean HTTP/1.1
+keep-alive client (issue #10: aiohttp's ClientSession was over half of the proxy's CPU per request; see
+``upstream_pool``). The rare calls (``GET /models`` for health and ``inference/up``, a remote ``/tokenize``) use
+an aiohttp session: a full client where speed does not matter. Why not httpx at all: the team measured on this
+machine, at concurrency 32, bare FastAPI + httpx collapsing to ~450 req/s (pool contention).
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ import orjson
 from yarl import URL
 
 from hybrid_proxy.node import metrics
+from hybrid_proxy.node.upstream_pool import (
+    UpstreamConnectionError,
+    UpstreamConnectTimeout,
+    UpstreamPool,
+    UpstreamStream,
+)
 
 log = logging.getLogger("hybrid.proxy.upstream")
 
@@ -53,7 +62,7 @@ class Answer:
     status: int
     content_type: str
     body: bytes | None
-    stream: aiohttp.ClientResponse | None
+    stream: UpstreamStream | None
     retry_after: str | None
     received_at: float  # loop time the headers (stream) or the whole body (JSON) were in hand
 
@@ -92,6 +101,7 @@ class UpstreamClient:
             "User-Agent": "gonka-hybrid-proxy/0.1",
         }
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         # Evidence of life from real traffic (loop time): the health check need not probe while answers flow.
         self.last_answer_at = float("-inf")
         self.last_failure_at = float("-inf")
@@ -101,8 +111,23 @@ class UpstreamClient:
         assert self._session is not None, "UpstreamClient.start() first"
         return self._session
 
+    @property
+    def pool(self) -> UpstreamPool:
+        """The hot path's connections (``exchange``): one pool per process, shared by every request."""
+        assert self._pool is not None, "UpstreamClient.start() first"
+        return self._pool
+
     async def start(self) -> None:
         c = self.config
+        self._pool = UpstreamPool(
+            c.base_url,
+            self.headers,
+            limit=c.pool_size,
+            keepalive=c.keepalive_seconds,
+            connect_timeout=c.connect_timeout,
+            read_timeout=c.read_timeout,
+        )
+        self._pool.start()
         connector = aiohttp.TCPConnector(
             limit=c.pool_size,
             limit_per_host=0,
@@ -121,6 +146,9 @@ class UpstreamClient:
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -137,72 +165,70 @@ class UpstreamClient:
 
     async def exchange(self, path: str, body: bytes) -> Answer:
         """POST ``body`` to ``path``; retried until an answer worth relaying (or the retries run out)."""
-        session = self.session
-        url = self.url(path)
-        loop = asyncio.get_running_loop()
+        pool = self.pool
+        loop = pool.loop
         attempt = 0
         while True:
-            reason: str
             try:
-                resp = await session.post(url, data=body, headers=self.headers)
-            except aiohttp.ConnectionTimeoutError:
+                conn = await pool.post(path, body)
+            except UpstreamConnectTimeout:
                 self.last_failure_at = loop.time()
-                reason = "ConnectionTimeoutError"
                 if attempt >= self.config.retries:
                     metrics.upstream_error("unreachable").inc()
                     raise UpstreamFailure(
                         502, "the upstream is unreachable (connect timeout)", "upstream_unreachable"
                     ) from None
-                await self._retry(attempt, reason, None)
+                await self._retry(attempt, "ConnectionTimeoutError", None)
                 attempt += 1
                 continue
             except TimeoutError:
                 self.last_failure_at = loop.time()
                 metrics.upstream_error("timeout").inc()
                 raise UpstreamFailure(504, "the upstream did not answer in time", "upstream_timeout") from None
-            except aiohttp.ClientConnectionError as exc:
+            except UpstreamConnectionError as exc:
                 self.last_failure_at = loop.time()
-                reason = type(exc).__name__
                 if attempt >= self.config.retries:
                     metrics.upstream_error("unreachable").inc()
                     raise UpstreamFailure(
-                        502, f"the upstream is unreachable ({reason})", "upstream_unreachable"
+                        502, f"the upstream is unreachable ({exc.reason})", "upstream_unreachable"
                     ) from None
-                await self._retry(attempt, reason, None)
+                await self._retry(attempt, exc.reason, None)
                 attempt += 1
                 continue
             headers_at = loop.time()
-            status = resp.status
-            ctype = resp.headers.get("Content-Type", "application/json")
+            status = conn.status
+            ctype = conn.content_type or "application/json"
             if status < 400 and ctype.startswith(_EVENT_STREAM):
                 self.last_answer_at = headers_at
-                return Answer(status, ctype, None, resp, None, headers_at)
+                return Answer(status, ctype, None, UpstreamStream(pool, conn), None, headers_at)
             try:
-                data = await resp.read()
+                data = await conn.read_body()
             except TimeoutError:
-                resp.close()
+                pool.discard(conn)
                 self.last_failure_at = loop.time()
                 metrics.upstream_error("timeout").inc()
                 raise UpstreamFailure(504, "the upstream stopped answering mid-body", "upstream_timeout") from None
-            except aiohttp.ClientError as exc:
-                resp.close()
+            except UpstreamConnectionError as exc:
+                pool.discard(conn)
                 self.last_failure_at = loop.time()
-                reason = type(exc).__name__
                 if attempt >= self.config.retries:
                     metrics.upstream_error("broken").inc()
                     raise UpstreamFailure(
-                        502, f"the upstream broke off its answer ({reason})", "upstream_broken"
+                        502, f"the upstream broke off its answer ({exc.reason})", "upstream_broken"
                     ) from None
-                await self._retry(attempt, reason, None)
+                await self._retry(attempt, exc.reason, None)
                 attempt += 1
                 continue
-            finally:
-                resp.release()
-            retry_after = resp.headers.get("Retry-After")
+            except BaseException:  # cancelled (the client went away): the upstream sees the connection close
+                pool.discard(conn)
+                raise
+            retry_after = conn.retry_after
+            pool.release(conn)
+            done_at = loop.time()
             if status >= 500 or status in _BROKEN_CREDENTIALS:
-                self.last_failure_at = loop.time()
+                self.last_failure_at = done_at
             else:
-                self.last_answer_at = loop.time()
+                self.last_answer_at = done_at
             if status in RETRY_STATUSES and attempt < self.config.retries:
                 metrics.upstream_error(status).inc()
                 await self._retry(attempt, str(status), retry_after)
@@ -210,7 +236,7 @@ class UpstreamClient:
                 continue
             if status >= 400:
                 metrics.upstream_error(status).inc()
-            return Answer(status, ctype, data, None, retry_after, loop.time())
+            return Answer(status, ctype, data, None, retry_after, done_at)
 
     async def _retry(self, attempt: int, reason: str, retry_after: str | None) -> None:
         delay = self._backoff(attempt, retry_after)
