@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from hybrid_common.alerts import start_alert_notifier
 from hybrid_common.logs import setup_logging
 from hybrid_common.metrics import serve_metrics
 from hybrid_scheduler.settings import SchedulerSettings
@@ -26,6 +27,12 @@ async def _main() -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await scheduler.start()
+    # The alert webhook (ALERT_WEBHOOK_URL) rides along with the scheduler: it is always up and every replica may
+    # consume the shared `alerts` queue (each alert is posted once). Does nothing when the URL is unset.
+    assert scheduler.conn is not None
+    notifier = await start_alert_notifier(
+        scheduler.conn, scheduler.topology, scheduler.redis, secrets=settings.secret_values()
+    )
     log.info(
         "scheduler up: dapi %s, %d slot(s), policy %s, confirmation %s, metrics :%d",
         settings.dapi_public_url,
@@ -36,6 +43,8 @@ async def _main() -> int:
     )
     await stop.wait()
     log.info("SIGTERM: handing the lease back and stopping")
+    if notifier is not None:
+        await notifier.stop()
     await scheduler.stop()
     return 0
 
