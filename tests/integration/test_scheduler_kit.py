@@ -115,6 +115,7 @@ class FakeSlot:
     instance_id: int = 0
     task: asyncio.Task[None] | None = None
     start_requests: int = 0
+    starting: bool = False
 
 
 @dataclass
@@ -162,12 +163,22 @@ class FakeProvisioner:
     async def close(self) -> None:
         await self.consumer.stop()
         for slot in self.slots.values():
-            if slot.task is not None:
-                slot.task.cancel()
-                with contextlib.suppress(BaseException):
-                    await slot.task
+            await self._stop_life(slot)
             if slot.node is not None:
                 await slot.node.close()
+                slot.node = None
+
+    @staticmethod
+    async def _stop_life(slot: FakeSlot) -> None:
+        """Cancel a slot's life unless it is half-way through starting its MLNode (a cancelled aiohttp start leaks a
+        runner): then let it finish, the node is closed right after."""
+        task = slot.task
+        if task is None or task.done():
+            return
+        if not slot.starting:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
     async def _on_command(self, d: Delivery) -> None:
         p = d.payload
@@ -247,7 +258,13 @@ class FakeProvisioner:
             )
             return
         await asyncio.sleep(self.boot_seconds)
-        slot.node = await FrontedMLNode.start(generation="v1", profile=TEST, model_download_seconds=0.2)
+        slot.starting = True
+        try:
+            slot.node = await FrontedMLNode.start(generation="v1", profile=TEST, model_download_seconds=0.2)
+        finally:
+            slot.starting = False
+        if slot.released_height is not None:
+            return  # released while it booted: _release closes it
         await self.dapi.register(slot.node.registration(slot.slot_id, EPOCH_MODEL))
         slot.registered_height = await self.dapi.height()
         boot = time.monotonic() - began
@@ -277,10 +294,7 @@ class FakeProvisioner:
         if slot.released_height is not None:
             return
         slot.released_height = height
-        if slot.task is not None and not slot.task.done():
-            slot.task.cancel()
-            with contextlib.suppress(BaseException):
-                await slot.task
+        await self._stop_life(slot)
         if slot.registered_height is not None:
             with contextlib.suppress(Exception):
                 await self.dapi.delete(slot.slot_id)
@@ -315,6 +329,7 @@ class ChainFaults:
         self._session: aiohttp.ClientSession | None = None
         self.url = ""
         self._n = 0
+        self._closing = asyncio.Event()
 
     async def start(self) -> ChainFaults:
         app = web.Application()
@@ -327,6 +342,7 @@ class ChainFaults:
         return self
 
     async def close(self) -> None:
+        self._closing.set()  # release hanging requests so the server can shut down at once
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
@@ -345,7 +361,8 @@ class ChainFaults:
         if mode == "5xx":
             return web.json_response({"error": "internal"}, status=503)
         if mode == "hang":
-            await asyncio.sleep(30)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), 30)
             return web.json_response({})
         assert self._session is not None
         async with self._session.get(self.target + request.rel_url.path_qs) as upstream:

@@ -52,6 +52,7 @@ async def test_changing_epoch_parameters_between_epochs_changes_the_plan(
         winner = next(c for c in campaign["candidates"].values() if c["state"] == "ready")
         slot = w.provisioner.slots[winner["slot_id"]]
         assert slot.registered_height is not None and slot.registered_height < 250
+        await w.wait(lambda: slot.released_height is not None, 20, "the release reaching the provisioner")
         assert slot.released_height is not None and slot.released_height > 250 + 20 + 4 + 30
         assert slot.released_height >= campaign["release_height"]
 

@@ -118,18 +118,23 @@ class ConfirmationWatcher:
 
     # ------------------------------------------------------------------ per tick (leader)
 
-    async def observe(self, t: Tick, campaigns: dict[str, Campaign]) -> None:
+    async def observe(self, t: Tick, campaigns: dict[str, Campaign]) -> bool:
+        """One tick's worth; True when a new event was acted on (the caller drives the campaigns at once: with a
+        couple of blocks of warning, even one poll interval matters)."""
         status = await self.status()
         view = t.view
         event = view.confirmation if view.confirmation_active else None
         seen = {e.key for e in status.events}
+        acted = False
         if event is not None and event.key not in seen and t.fresh:
             await self._detected(status, event, t)
+            acted = status.policy is not ConfirmationPolicy.IGNORE
         if status.active is not None and (event is None or event.key != status.active):
             await self._ended(status, t, campaigns)
         await self._maintain_standby(status, t, campaigns)
         self._account(status, t, campaigns)
         await self.save(status)
+        return acted
 
     async def _detected(self, status: ConfirmationStatus, event: ConfirmationEvent, t: Tick) -> None:
         view = t.view

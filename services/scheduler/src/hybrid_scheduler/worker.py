@@ -228,7 +228,8 @@ class Scheduler:
         history = await self.book.boot_history()
         t = Tick(view, self.clock, now, token, fresh, paused, history)
         campaigns = await self.planner.tick(t)
-        await self.confirmation.observe(t, campaigns)
+        if await self.confirmation.observe(t, campaigns):
+            campaigns = await self.planner.tick(t)
         plan = campaigns.get(self.planner.poc_key(view.epoch_index + 1))
         if plan is not None and "lead_seconds" in plan.plan:
             telemetry.LEAD_SECONDS.set(float(plan.plan["lead_seconds"]))
