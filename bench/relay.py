@@ -1,12 +1,23 @@
 """Benchmark of the callback relay (issue #11): accepted batches/s with publisher confirms, accept latency,
-forward lag to a healthy dapi simulator, and batches lost.
+forward lag to a healthy dapi simulator, and batches lost — with the machine's share of CPU behind each figure.
 
 Runs the dapi simulator (``python -m sim dapi``) and the relay (``python -m hybrid_relay``) as their own processes
 and posts unique v1 ProofBatches from a separate client process, ``--concurrency`` keep-alive connections, each
-waiting for its 200 before the next batch (as the MLNode senders do). Every body differs (its nonces carry the
-batch's sequence number), so deduplication never hides forwarding work. The relay's ``callback.forwarded`` events
-give the forward lag (door accept → dapi 2xx); the simulator's ``/_sim/batches`` tells which batches reached it:
-``lost`` = answered 200 but never reached the dapi (nor dead-lettered).
+one MLNode (its own ``node_id`` unless ``--nodes`` says fewer) waiting for its 200 before its next batch, as the
+MLNode senders do. Every body differs (its nonces carry the
+batch's sequence number), so deduplication never hides forwarding work. The forward lag (door accept → dapi 2xx) is
+read from the relay's ``hybrid_relay_forward_lag_seconds`` histogram (the values its ``callback.forwarded`` events
+carry; ``--lag-from-events`` consumes the events instead: exact per batch, but the consumer costs the broker a
+delivery per batch, which nothing in production pays). The simulator's ``/_sim/batches`` tells which batches reached it:
+``lost`` = answered 200 but never reached the dapi. (The simulator keeps only its last 15,000–20,000 batches, so the
+bench reads that list every 2 s during the load and stitches the reads together.)
+
+Before the load, the broker's own ceiling is measured in the same run ("peer"): a minimal aio-pika publisher, one
+persistent message per publish to a quorum queue and ``--concurrency`` publishers each awaiting its confirm — what a
+door publishing one message per batch could get at best from this broker on this machine right now.
+
+CPU per accepted batch is read from /proc for the relay, the simulator, the broker (the process listening on the AMQP
+port), the load client, and the whole machine (every process: other work on a shared machine shows up there).
 
 Usage: ``.venv/bin/python bench/relay.py [--duration 10] [--concurrency 64] [--nonces 10]``
 (``AMQP_URL`` / ``REDIS_URL`` select the broker and Redis; default the local ones). The last line is a JSON object.
@@ -16,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -28,6 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -64,7 +77,33 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _batch(seq: int, nonces: int) -> bytes:
+def _listener_pid(port: int) -> int | None:
+    """The process listening on ``port`` (the broker), from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f[9])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return int(proc.name)
+    return None
+
+
+def _machine_jiffies() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, all cores."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return float(sum(f) - f[3] - f[4]), float(sum(f))
+
+
+def _batch(seq: int, nonces: int, node: int) -> bytes:
     first = seq * 1000
     body = {
         "public_key": "bench-pk",
@@ -72,7 +111,7 @@ def _batch(seq: int, nonces: int) -> bytes:
         "block_height": 100,
         "nonces": [first + i for i in range(nonces)],
         "dist": [0.25 + i / 1000 for i in range(nonces)],
-        "node_id": seq % 16,
+        "node_id": node,
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -84,7 +123,12 @@ def _request(port: int, body: bytes) -> bytes:
     ).encode() + body
 
 
-async def _client(port: int, concurrency: int, duration: float, warmup: float, nonces: int) -> dict[str, Any]:
+# --- the load client (its own process) ------------------------------------------------------------------------------
+
+
+async def _client(
+    port: int, concurrency: int, duration: float, warmup: float, nonces: int, nodes: int
+) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     seq = [0]
     accepted: list[int] = []
@@ -94,7 +138,8 @@ async def _client(port: int, concurrency: int, duration: float, warmup: float, n
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
 
-    async def connection() -> None:
+    async def connection(node: int) -> None:
+        # One connection is one MLNode sender: its batches one after another, each after the previous one's 200.
         reader: _ResponseReader | None = None
         while time.perf_counter() < stop_at:
             if reader is None or reader.closed:
@@ -103,7 +148,7 @@ async def _client(port: int, concurrency: int, duration: float, warmup: float, n
             n = seq[0]
             t0 = time.perf_counter()
             try:
-                await asyncio.wait_for(reader.exchange(_request(port, _batch(n, nonces))), 30)
+                await asyncio.wait_for(reader.exchange(_request(port, _batch(n, nonces, node))), 30)
             except (OSError, TimeoutError, ValueError):
                 errors[0] += 1
                 reader = None
@@ -115,7 +160,7 @@ async def _client(port: int, concurrency: int, duration: float, warmup: float, n
                 if t0 >= measure_from:
                     latencies.append(t1 - t0)
 
-    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    await asyncio.gather(*(connection(i % nodes) for i in range(concurrency)))
     return {
         "accepted": accepted,
         "latencies": latencies,
@@ -125,10 +170,100 @@ async def _client(port: int, concurrency: int, duration: float, warmup: float, n
     }
 
 
-def _client_process(port: int, concurrency: int, duration: float, warmup: float, nonces: int) -> dict[str, Any]:
+def _client_process(
+    port: int, concurrency: int, duration: float, warmup: float, nonces: int, nodes: int
+) -> dict[str, Any]:
     import uvloop
 
-    return uvloop.run(_client(port, concurrency, duration, warmup, nonces))
+    cpu = time.process_time()
+    result = uvloop.run(_client(port, concurrency, duration, warmup, nonces, nodes))
+    result["cpu_s"] = time.process_time() - cpu
+    return result
+
+
+# --- the broker's own ceiling (the peer) -----------------------------------------------------------------------------
+
+
+async def _broker_peer(amqp_url: str, concurrency: int, seconds: float, broker_pid: int | None) -> dict[str, Any]:
+    """A minimal aio-pika publisher: persistent messages to a quorum queue, ``concurrency`` publishers each
+    awaiting its confirm before the next — one message per batch, as a door without grouping would publish."""
+    import aio_pika
+
+    conn = await aio_pika.connect_robust(amqp_url)
+    name = f"bench-peer-{uuid.uuid4().hex[:8]}"
+    try:
+        channel = await conn.channel(publisher_confirms=True)
+        exchange = await channel.declare_exchange(name, aio_pika.ExchangeType.DIRECT, auto_delete=True)
+        queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+        await queue.bind(exchange, routing_key="batch")
+        body = _batch(1, 10, 0) * 2  # about a callback.forward envelope
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + seconds
+
+        async def publisher() -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                await exchange.publish(message, routing_key="batch", mandatory=True, timeout=10)
+                latencies.append(time.perf_counter() - t0)
+
+        cpu = _cpu_seconds(broker_pid) if broker_pid else 0.0
+        started = time.perf_counter()
+        await asyncio.gather(*(publisher() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        broker_us = 1e6 * (_cpu_seconds(broker_pid) - cpu) / max(1, len(latencies)) if broker_pid else None
+        await queue.delete(if_unused=False, if_empty=False)
+    finally:
+        await conn.close()
+    lat = _percentiles(latencies)
+    return {
+        "confirms_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": lat.get("p50"),
+        "p99_ms": lat.get("p99"),
+        "broker_cpu_us_per_msg": None if broker_us is None else round(broker_us, 1),
+    }
+
+
+# --- what reached the dapi -------------------------------------------------------------------------------------------
+
+
+class DapiBatchLog:
+    """Every batch the simulator logged, stitched from reads of its rolling ``/_sim/batches`` list.
+
+    The list only grows at its end and loses 5,000 entries at a time from its front; each read is aligned on the
+    previous one, so an entry is counted once however many reads saw it.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.entries: list[dict[str, Any]] = []
+        self._last: list[dict[str, Any]] = []
+        self.gaps = 0
+
+    async def read(self) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s, s.get(f"{self.url}/_sim/batches") as r:
+            data = await r.json()
+        current: list[dict[str, Any]] = data if isinstance(data, list) else data.get("batches", [])
+        last = self._last
+        for trimmed in range(0, len(last) + 1, 5000):
+            overlap = last[trimmed:]
+            if current[: len(overlap)] == overlap:
+                self.entries += current[len(overlap) :]
+                break
+        else:  # more than the simulator keeps arrived between two reads: some entries were never seen
+            self.gaps += 1
+            self.entries += current
+        self._last = current
+
+    def arrivals(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for b in self.entries:
+            if b.get("nonce_sample"):
+                seq = b["nonce_sample"][0] // 1000
+                counts[seq] = counts.get(seq, 0) + 1
+        return counts
 
 
 async def _collect_lags(amqp_url: str, namespace: str, lags: dict[str, float], ready: asyncio.Event) -> None:
@@ -147,22 +282,97 @@ async def _collect_lags(amqp_url: str, namespace: str, lags: dict[str, float], r
                 lags[payload["batch_id"]] = payload["lag_ms"]
 
 
-async def _sim_batches(public_port: int) -> list[dict[str, Any]]:
+async def _histogram(port: int, name: str) -> dict[str, Any]:
+    """p50/p99/max-bucket (ms) of one of the relay's histograms, interpolated within buckets as Prometheus'
+    histogram_quantile does. ``hybrid_relay_forward_lag_seconds`` holds the values the ``callback.forwarded`` events
+    carry; ``hybrid_relay_accept_seconds`` the door's own part of the accept latency (request parsed → confirm in)."""
     import aiohttp
 
-    async with (
-        aiohttp.ClientSession() as s,
-        s.get(f"http://127.0.0.1:{public_port}/_sim/batches") as r,
-    ):
-        data = await r.json()
-        return data if isinstance(data, list) else data.get("batches", [])
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+
+    def quantile(q: float) -> float | None:
+        if not total:
+            return None
+        rank, prev_le, prev_count = q * total, 0.0, 0.0
+        for le, count in buckets:
+            if count >= rank:
+                if le == float("inf"):
+                    return prev_le * 1000
+                return 1000 * (prev_le + (le - prev_le) * (rank - prev_count) / max(1.0, count - prev_count))
+            prev_le, prev_count = le, count
+        return None
+
+    top = next((le for le, count in buckets if count >= total), None)
+    return {
+        "p50": round(quantile(0.5) or 0, 1),
+        "p99": round(quantile(0.99) or 0, 1),
+        "max_bucket_le_ms": None if top is None else top * 1000,
+        "count": int(total),
+    }
+
+
+async def _relay_status(redis_url: str, namespace: str) -> dict[str, Any]:
+    """Groups and batches the door handed off, from the relay's last heartbeat (every 10 s)."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url)
+    try:
+        out: dict[str, Any] = {}
+        async for key in redis.scan_iter(f"{namespace}:status:callback-relay:*"):
+            value = await redis.get(key)
+            if value:
+                handed = json.loads(value).get("handed_off") or {}
+                if handed.get("groups"):
+                    out = {**handed, "mean_group": round(handed["batches"] / handed["groups"], 1)}
+        return out
+    finally:
+        await redis.aclose()
+
+
+async def _delete_namespace(amqp_url: str, namespace: str) -> None:
+    """Remove the run's queues and exchanges: quorum queues are heavy, and hundreds of them left behind by benchmark
+    runs stall this machine's RabbitMQ 3.10 (seen: connections accepted, AMQP handshakes never answered)."""
+    import aio_pika
+
+    from hybrid_common.topology import OWNER_QUEUES, SUBSCRIPTIONS
+
+    queues = [f"{namespace}.{q.name}{suffix}" for q in (*OWNER_QUEUES, *SUBSCRIPTIONS) for suffix in ("", ".dead")]
+    exchanges = [f"{namespace}.{e}" for e in ("events", "commands", "dlx")]
+    conn = await aio_pika.connect(amqp_url, timeout=10)
+    async with conn:
+        for name in queues:
+            channel = await conn.channel()  # a missing queue closes the channel: one per attempt
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+            with contextlib.suppress(Exception):
+                await channel.close()
+        channel = await conn.channel()
+        for name in exchanges:
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(name)
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     amqp_url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     namespace = f"bench{uuid.uuid4().hex[:8]}"
+    load_before = os.getloadavg()
+    print(f"machine: {os.cpu_count()} cores, load average before the run {load_before}")
+    broker = _listener_pid(int(urlsplit(amqp_url).port or 5672))
+    peer = None
+    if args.peer_seconds > 0:
+        peer = await _broker_peer(amqp_url, args.concurrency, args.peer_seconds, broker)
+        print(f"peer (minimal aio-pika publisher, 1 message per publish, concurrency {args.concurrency}): {peer}")
     public, admin, callback, relay_port = _free_port(), _free_port(), _free_port(), _free_port()
+    metrics_port, forwarder_metrics_port = _free_port(), _free_port()
     logs = tempfile.mkdtemp(prefix="relay-bench-")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     dapi_args = ["--public-port", str(public), "--admin-port", str(admin), "--callback-port", str(callback)]
@@ -175,9 +385,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "DAPI_CALLBACK_URL": f"http://127.0.0.1:{callback}",
         "RELAY_PUBLIC_HOST": "127.0.0.1",
         "RELAY_PUBLIC_PORT": str(relay_port),
-        "RELAY_METRICS_PORT": "0",
+        "RELAY_METRICS_PORT": str(metrics_port),
         "LOG_LEVEL": "WARNING",
         "RELAY_ACCEPTED_EVENTS": "false" if args.no_accepted_events else "true",
+        **dict(kv.split("=", 1) for kv in args.relay_env),
     }
     profile = os.environ.get("RELAY_BENCH_PROFILE")  # a file: run the relay under cProfile
     relay = _spawn(
@@ -187,57 +398,105 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     # --split: the forwarder in a process of its own (RELAY_ROLE=forwarder), so the relay can use both cores.
     forwarder = (
-        _spawn([PY, "-m", "hybrid_relay"], {**relay_env, "RELAY_ROLE": "forwarder"}, f"{logs}/fwd.log")
+        _spawn(
+            [PY, "-m", "hybrid_relay"],
+            {**relay_env, "RELAY_ROLE": "forwarder", "RELAY_METRICS_PORT": str(forwarder_metrics_port)},
+            f"{logs}/fwd.log",
+        )
         if args.split
         else None
     )
     lags: dict[str, float] = {}
+    dapi_log = DapiBatchLog(f"http://127.0.0.1:{public}")
     try:
         _wait_port(callback)
         _wait_port(relay_port)
-        ready = asyncio.Event()
-        collector = asyncio.create_task(_collect_lags(amqp_url, namespace, lags, ready))
-        await asyncio.wait_for(ready.wait(), 20)
+        collector = None
+        if args.lag_from_events:
+            ready = asyncio.Event()
+            collector = asyncio.create_task(_collect_lags(amqp_url, namespace, lags, ready))
+            await asyncio.wait_for(ready.wait(), 20)
         loop = asyncio.get_running_loop()
-        procs = [("relay", relay), ("dapi", dapi)] + ([("forwarder", forwarder)] if forwarder else [])
-        cpu_before = {name: _cpu_seconds(proc.pid) for name, proc in procs}
+        procs = [("relay", relay.pid), ("dapi", dapi.pid)]
+        procs += [("forwarder", forwarder.pid)] if forwarder else []
+        procs += [("broker", broker)] if broker else []
+        cpu_before = {name: _cpu_seconds(pid) for name, pid in procs}
+        machine_before = _machine_jiffies()
         with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            result = await loop.run_in_executor(
-                pool, _client_process, relay_port, args.concurrency, args.duration, args.warmup, args.nonces
+            load = loop.run_in_executor(
+                pool,
+                _client_process,
+                relay_port,
+                args.concurrency,
+                args.duration,
+                args.warmup,
+                args.nonces,
+                args.nodes or args.concurrency,
             )
+            while not load.done():
+                await asyncio.wait({load}, timeout=2.0)
+                await dapi_log.read()
+            result = load.result()
         accepted: list[int] = result["accepted"]
-        cpu_us = {
-            name: round(1e6 * (_cpu_seconds(proc.pid) - cpu_before[name]) / max(1, len(accepted)), 1)
-            for name, proc in procs
-        }
+        busy, total = (b - a for a, b in zip(machine_before, _machine_jiffies(), strict=True))
+        per_batch = 1e6 / max(1, len(accepted))
+        cpu_us = {name: round(per_batch * (_cpu_seconds(pid) - cpu_before[name]), 1) for name, pid in procs}
+        cpu_us["load_client"] = round(per_batch * result["cpu_s"], 1)
+        cpu_us["machine_all"] = round(per_batch * busy / os.sysconf("SC_CLK_TCK"), 1)
+        machine_busy_pct = round(100 * busy / max(1.0, total), 1)
         print(f"client: {len(accepted)} batches answered 200, status {result['status']}, errors {result['errors']}")
-        # Drain: every accepted batch forwarded (or the wait gives up and they count as lost).
+        # Drain: every accepted batch reached the dapi (or the wait gives up and the rest count as lost).
         deadline = time.monotonic() + args.drain_timeout
-        while len(lags) < len(accepted) and time.monotonic() < deadline:
-            await asyncio.sleep(0.25)
-        drained_at = time.monotonic()
-        collector.cancel()
-        batches = await _sim_batches(public)
-        reached = {b["nonce_sample"][0] // 1000 for b in batches if b.get("nonce_sample")}
-        lost = sum(1 for n in accepted if n not in reached)
-        dapi_duplicates = len(batches) - len(reached)
+        waited_from = time.monotonic()
+        while True:
+            await dapi_log.read()
+            arrivals = dapi_log.arrivals()
+            if all(n in arrivals for n in accepted) and (collector is None or len(lags) >= len(accepted)):
+                break
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        drained_s = time.monotonic() - waited_from
+        if collector is not None:
+            collector.cancel()
+            with contextlib.suppress(BaseException):
+                await collector
+        await asyncio.sleep(0.5)  # the last outcomes are recorded (record_interval) before the histogram is read
+        lag_port = forwarder_metrics_port if forwarder is not None else metrics_port
+        lag_metrics = await _histogram(lag_port, "hybrid_relay_forward_lag_seconds")
+        door_part = await _histogram(metrics_port, "hybrid_relay_accept_seconds")
+        confirm_part = await _histogram(metrics_port, "hybrid_relay_handoff_confirm_seconds")
+        handed_off = await _relay_status(redis_url, namespace)
+        lost = sum(1 for n in accepted if n not in arrivals)
+        dapi_duplicates = sum(c - 1 for c in arrivals.values() if c > 1)
         lat = _percentiles(result["latencies"])
         lag_values = sorted(lags.values())
-        lag = {
-            "p50": lag_values[len(lag_values) // 2] if lag_values else None,
-            "p99": lag_values[min(len(lag_values) - 1, int(0.99 * len(lag_values)))] if lag_values else None,
-            "max": lag_values[-1] if lag_values else None,
-        }
+        lag: dict[str, Any] = (
+            {
+                "p50": lag_values[len(lag_values) // 2],
+                "p99": lag_values[min(len(lag_values) - 1, int(0.99 * len(lag_values)))],
+                "max": lag_values[-1],
+                "from": "callback.forwarded events",
+            }
+            if lag_values
+            else {**lag_metrics, "from": "hybrid_relay_forward_lag_seconds histogram"}
+        )
         accepted_per_s = len(result["latencies"]) / result["measured_s"]
         print(f"accepted/s (with confirms): {accepted_per_s:.0f}   accept latency ms: {lat}")
-        print(f"forward lag ms (door accept → dapi 2xx): {lag}   forwarded events: {len(lags)}")
-        print(f"reached the dapi: {len(reached)}   lost: {lost}   duplicates at the dapi: {dapi_duplicates}")
-        print(f"CPU per accepted batch (µs, during the load): {cpu_us}")
-        print(f"drain wait after the load: {drained_at - deadline + args.drain_timeout:.1f}s   logs: {logs}")
+        print(f"  inside the relay (request parsed → confirmed), from its histogram: {door_part}")
+        print(f"  of which the broker's confirm of a hand-off message: {confirm_part}")
+        print(f"forward lag ms (door accept → dapi 2xx): {lag}")
+        if lag_values:
+            print(f"  the same from the relay's histogram: {lag_metrics}")
+        print(f"reached the dapi: {len(arrivals)}   lost: {lost}   duplicates at the dapi: {dapi_duplicates}")
+        print(f"CPU per accepted batch (µs, during the load): {cpu_us}; machine busy {machine_busy_pct}%")
+        print(f"drain wait after the load: {drained_s:.1f}s   simulator-log gaps: {dapi_log.gaps}   logs: {logs}")
+        print(f"door hand-off (last heartbeat): {handed_off}")
         return {
             "accepted_per_s": round(accepted_per_s, 1),
             "accept_p50_ms": lat.get("p50"),
             "accept_p99_ms": lat.get("p99"),
+            "accept_inside_relay_p99_ms": door_part.get("p99"),
             "forward_lag_p50_ms": lag["p50"],
             "forward_lag_p99_ms": lag["p99"],
             "lost": lost,
@@ -246,11 +505,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "concurrency": args.concurrency,
             "duration_s": args.duration,
             "nonces_per_batch": args.nonces,
+            "nodes": args.nodes or args.concurrency,
             "split": args.split,
             "accepted_events": not args.no_accepted_events,
             "cpu_us_per_batch": cpu_us,
+            "machine_busy_pct": machine_busy_pct,
+            "peer": peer,
             "cpus": os.cpu_count(),
-            "load_avg_1m": os.getloadavg()[0],
+            "load_avg_1m_before": round(load_before[0], 2),
+            "load_avg_1m_after": round(os.getloadavg()[0], 2),
         }
     finally:
         alive = [p for p in (forwarder, relay, dapi) if p is not None]
@@ -261,6 +524,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        try:
+            await asyncio.wait_for(_delete_namespace(amqp_url, namespace), 60)
+        except Exception as exc:
+            print(f"could not delete the namespace {namespace} from the broker: {exc!r}", file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -269,8 +536,16 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--nonces", type=int, default=10, help="nonces per batch")
+    parser.add_argument("--nodes", type=int, default=0, help="distinct node_ids (default: one per connection)")
     parser.add_argument("--no-accepted-events", action="store_true", help="RELAY_ACCEPTED_EVENTS=false")
     parser.add_argument("--split", action="store_true", help="door and forwarder in separate processes")
+    parser.add_argument("--peer-seconds", type=float, default=3.0, help="broker ceiling measured first (0: skip)")
+    parser.add_argument("--relay-env", nargs="*", default=[], metavar="NAME=VALUE", help="extra relay settings")
+    parser.add_argument(
+        "--lag-from-events",
+        action="store_true",
+        help="exact lag per batch from a consumer of callback.forwarded (costs the broker a delivery per batch)",
+    )
     parser.add_argument("--drain-timeout", type=float, default=60.0)
     figures = asyncio.run(main(parser.parse_args()))
     print(json.dumps(figures))

@@ -13,21 +13,25 @@ from typing import Any
 import aio_pika
 import httpx
 import orjson
+import pamqp.frame
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 from redis.asyncio import Redis
 
 from hybrid_common.bus import Publisher, connect
 from hybrid_common.messages import parse
-from hybrid_common.messages.commands import ForwardCallback
+from hybrid_common.messages.commands import ForwardCallback, ForwardCallbackGroup
 from hybrid_common.messages.domain import PocWindowHeights
 from hybrid_common.messages.events import EpochObserved
 from hybrid_common.redis_keys import RedisKeys
 from hybrid_common.topology import Topology
 from hybrid_relay.service import RelayService
 from hybrid_relay.settings import RelaySettings
-from hybrid_relay.wire import envelope
+from hybrid_relay.wire import envelope, new_id, properties, publish_frames
 from tests.support.net import free_port
 from tests.support.procs import ManagedProcess
 
@@ -67,14 +71,31 @@ MODEL_PATH = "Qwen%252FQwen3-235B-A22B-Instruct-2507-FP8"  # escaped twice, as t
 
 
 async def queued(amqp_url: str, namespace: str) -> list[dict[str, Any]]:
-    """Envelopes waiting in ``relay.callbacks`` (left in place)."""
+    """``callback.forward`` envelopes waiting in ``relay.callbacks`` (left in place), the door's groups opened up:
+    each batch of a ``callback.forward_group`` as the envelope it would be alone (its id = the batch id)."""
     out = []
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
         queue = await channel.get_queue(f"{namespace}.relay.callbacks", ensure=False)
         while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            out.append(orjson.loads(message.body))
+            env = orjson.loads(message.body)
+            group = parse(message.body).payload  # every message honours the shared contract
+            if isinstance(group, ForwardCallbackGroup):
+                assert message.type == "callback.forward_group" and message.message_id == env["id"]
+                assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+                for batch in env["payload"]["batches"]:
+                    out.append(
+                        {
+                            **env,
+                            "id": batch["batch_id"],
+                            "type": "callback.forward",
+                            "payload": batch,
+                            "group": env["id"],
+                        }
+                    )
+            else:
+                out.append({**env, "group": env["id"]})
         await channel.close()
     return out
 
@@ -141,12 +162,13 @@ async def test_routes_answers_and_the_hand_off(door: tuple[str, RelayService], a
     envelopes = await queued(amqp_url, namespace)
     assert len(envelopes) == len(accepted)  # published (confirmed) before each 200; nothing refused was queued
     for env, (_, body, dapi_path) in zip(envelopes, accepted, strict=True):
+        env.pop("group")
         command = parse(orjson.dumps(env)).payload  # the hand-built envelope honours the shared contract
         assert isinstance(command, ForwardCallback)
         assert command.path == dapi_path
         assert orjson.loads(command.body) == body  # the sender's bytes, forwarded unchanged
         assert command.batch_id == env["id"]
-    digests = {parse(orjson.dumps(e)).payload.digest for e in envelopes}  # type: ignore[attr-defined]
+    digests = {e["payload"]["digest"] for e in envelopes}
     assert len(digests) == len(accepted)
 
 
@@ -281,11 +303,104 @@ def test_relay_envelopes_match_the_contract() -> None:
             "source_ip": "127.0.0.1",
         },
     }
+    samples["callback.forward_group"] = {
+        "batches": [samples["callback.forward"], {**samples["callback.forward"], "items": 3}]
+    }
     for type_, payload in samples.items():
         env_id, message = envelope(type_, payload, correlation_id="poc:5")
         parsed = parse(message.body)
         assert (parsed.type, str(parsed.id), message.message_id) == (type_, env_id, env_id)
         assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+
+
+def test_publish_frames_are_pamqps() -> None:
+    """The hand-built basic.publish frames (wire.py) are byte for byte what pamqp (aiormq's encoder) writes."""
+    now = datetime.now(UTC)
+    cases = [
+        properties("callback.forward_group", new_id(), now, correlation_id=None),
+        properties("callback.forwarded", new_id(), now, correlation_id="poc:12"),
+        properties("callback.forward", "b", now, headers={"x-relay-dead-reason": "window_closed"}),  # via pamqp
+        Basic.Properties(message_id="x", timestamp=datetime(2026, 3, 1, 12, 0, 0, 999_999)),  # naive = UTC
+        Basic.Properties(),
+    ]
+    for props in cases:
+        for body in (b"", b"x" * 5, b"y" * 131_064, b"z" * 300_000):
+            for mandatory in (True, False):
+                ours = publish_frames(3, "ns.commands", "callback.forward_group", mandatory, props, body, 131_064)
+                frames: list[Any] = [
+                    Basic.Publish(exchange="ns.commands", routing_key="callback.forward_group", mandatory=mandatory),
+                    ContentHeader(0, len(body), props),
+                    *(ContentBody(body[i : i + 131_064]) for i in range(0, len(body), 131_064)),
+                ]
+                assert ours == b"".join(pamqp.frame.marshal(f, 3) for f in frames), (props, len(body), mandatory)
+
+
+async def _exchange(port: int, raw: bytes, answers: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """Send raw bytes on one connection; read ``answers`` HTTP responses (status, headers, body) in order."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    out = []
+    try:
+        for _ in range(answers):
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+            headers: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if status_line.split()[1] == b"100":
+                out.append((100, headers, b""))
+                continue
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            out.append((int(status_line.split()[1]), headers, body))
+    finally:
+        writer.close()
+    return out
+
+
+async def test_the_door_speaks_http_1_1(door: tuple[str, RelayService], amqp_url: str, namespace: str) -> None:
+    """The hand-written server: keep-alive, pipelined answers in order, chunked bodies, Expect: 100-continue,
+    HTTP/1.0, an oversized chunked body, garbage — and concurrent batches share hand-off messages (group commit)."""
+    url, _ = door
+    port = int(url.rsplit(":", 1)[1])
+
+    def post(body: bytes, path: str = "/v1/poc-batches/generated", extra: str = "") -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+    bodies = [orjson.dumps({**V1, "node_id": 100 + i}) for i in range(3)]
+    pipelined = post(bodies[0]) + post(b"{bad", "/v1/poc-batches/generated") + post(bodies[1]) + post(b"", "/nope")
+    answers = await _exchange(port, pipelined, 4)
+    assert [a[0] for a in answers] == [200, 400, 200, 404]  # in request order, the invalid one in its place
+    chunked = (
+        b"POST /v1/poc-batches/generated HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (bodies[2][:10], bodies[2][10:]))
+        + b"0\r\n\r\n"
+    )
+    assert [a[0] for a in await _exchange(port, chunked, 1)] == [200]
+    expect = post(orjson.dumps({**V1, "node_id": 200}), extra="Expect: 100-continue\r\n")
+    assert [a[0] for a in await _exchange(port, expect, 2)] == [100, 200]
+    http10 = post(orjson.dumps({**V1, "node_id": 201})).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    [(status, headers, _)] = await _exchange(port, http10, 1)
+    assert status == 200 and headers.get("connection") == "close"
+    big = b"{" + b" " * 70_000 + b"}"
+    chunked_big = (
+        b"POST /v1/poc-batches/generated HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big)
+    )
+    [(status, _, body)] = await _exchange(port, chunked_big, 1)
+    assert status == 413 and b"larger" in body
+    [(status, headers, _)] = await _exchange(port, b"NOT HTTP AT ALL\r\n\r\n", 1)
+    assert status == 400 and headers.get("connection") == "close"
+
+    # 40 senders at once: every batch answered 200 after its confirm, carried by fewer hand-off messages.
+    async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=40)) as client:
+        many = [orjson.dumps({**V1, "node_id": 300 + i}) for i in range(40)]
+        replies = await asyncio.gather(*(client.post(url + "/v1/poc-batches/generated", content=b) for b in many))
+    assert all(r.status_code == 200 for r in replies)
+    batches = await queued(amqp_url, namespace)
+    assert len(batches) == 3 + 1 + 1 + 40  # pipelined 2, chunked 1, expect 1, HTTP/1.0 1, concurrent 40
+    messages = len({b["group"] for b in batches})
+    print(f"45 batches in {messages} hand-off messages")
+    assert messages < len(batches)
 
 
 # --- malformed bodies, many shapes (property test) ------------------------------------------------------------------

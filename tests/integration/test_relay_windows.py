@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -16,6 +18,8 @@ import pytest
 from redis.asyncio import Redis
 
 from hybrid_common import TEST
+from hybrid_common.bus import Publisher, connect
+from hybrid_common.messages.commands import ForwardCallback, ForwardCallbackGroup
 from hybrid_common.redis_keys import RedisKeys
 from hybrid_common.topology import Topology
 from hybrid_relay.ledger import read_stats
@@ -166,3 +170,64 @@ async def test_closed_window_is_dead_lettered_never_forwarded(
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+
+
+async def test_a_single_batch_message_is_forwarded_too(
+    dapi: Any, amqp_url: str, redis_url: str, namespace: str
+) -> None:
+    """The door sends groups (``callback.forward_group``); a lone ``callback.forward`` — a dead letter an operator puts
+    back into ``relay.callbacks``, or one from an older door — is forwarded the same way, and its copy in a group
+    later is recognised as already settled."""
+    body = orjson.dumps(
+        {"public_key": "pk", "block_hash": "h", "block_height": 9, "nonces": [77_000], "dist": [0.1], "node_id": 1}
+    )
+    single = ForwardCallback(
+        batch_id=str(uuid.uuid4()),
+        digest="d" * 64,
+        path="/v1/poc-batches/generated",
+        body=body.decode(),
+        generation="v1",
+        kind="generated",
+        node_id=1,
+        block_height=9,
+        received_at=datetime.now(UTC),
+    )
+    service = RelayService(
+        RelaySettings(
+            amqp_url=amqp_url,
+            redis_url=redis_url,
+            namespace=namespace,
+            role="forwarder",
+            metrics_port=0,
+            dapi_callback_url=dapi.callback_url,
+        )
+    )
+    await service.start()
+    connection = await connect(amqp_url, name="test-operator")
+    try:
+        publisher = Publisher(connection, Topology(namespace), "test-operator")
+        await publisher.publish(single)
+        await publisher.publish(ForwardCallbackGroup(batches=[single]))  # the same batch again, in a group
+        async with aiohttp.ClientSession() as s:
+            deadline = time.monotonic() + 20
+            while True:
+                async with s.get(f"{dapi.public_url}/_sim/batches") as r:
+                    arrived = [b for b in await r.json() if b["nonce_sample"] == [77_000]]
+                if arrived or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+        assert len(arrived) == 1
+        redis = Redis.from_url(redis_url)
+        deadline = time.monotonic() + 10
+        while (await redis.get(RedisKeys(namespace).relay_batch(single.batch_id))) != b"forwarded":
+            assert time.monotonic() < deadline, "the outcome was never recorded"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the group's copy is taken and recognised meanwhile
+        totals = (await read_stats(redis, RedisKeys(namespace)))["totals"]
+        await redis.aclose()
+        assert totals == {"accepted": 1, "accepted_items": 1, "forwarded": 1, "forwarded_items": 1}
+        async with aiohttp.ClientSession() as s, s.get(f"{dapi.public_url}/_sim/batches") as r:
+            assert len([b for b in await r.json() if b["nonce_sample"] == [77_000]]) == 1
+    finally:
+        await connection.close()
+        await service.stop()

@@ -8,6 +8,7 @@ ledger recognises it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 
@@ -26,6 +27,12 @@ from hybrid_relay.windows import PocWindows
 async def _run(settings: RelaySettings) -> None:
     service = RelayService(settings)
     await service.start()
+    if settings.gc_freeze:
+        # Everything built at start-up (settings, pydantic schemas, connections) lives for the whole run: moved out of
+        # the collector's reach, a full collection no longer walks it — those walks were the door's latency spikes.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 10)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,51 +1,35 @@
 """The relay's events (``callback.accepted|forwarded|duplicate|dead``), published with confirms.
 
-``emit`` does not hold up its caller (the door answers first; the forwarder moves to its next batch); the pending
-publishes are bounded and drained on shutdown. Events are facts for others (alerts, status): the authoritative
-accounting is ``relay:stats`` (see ledger.py), which does not depend on them.
+Events are facts for others (alerts, status): the authoritative accounting is ``relay:stats`` (see ledger.py), which
+does not depend on them. A round of outcomes is published in one write with overlapping confirms (publishing.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
+from datetime import UTC, datetime
 from typing import Any
 
-from hybrid_common.bus import Publisher
-from hybrid_relay.metrics import EVENTS_DROPPED
-from hybrid_relay.wire import envelope
+from hybrid_relay.publishing import Outgoing, PipelinedPublisher
+from hybrid_relay.wire import envelope_body, new_id, properties
 
-log = logging.getLogger("hybrid.relay.events")
+Event = tuple[str, dict[str, Any], str | None]  # (type, payload, correlation id)
 
 
 class Announcer:
-    def __init__(self, publisher: Publisher, *, max_pending: int = 50_000, deadline: float = 30.0) -> None:
+    def __init__(self, publisher: PipelinedPublisher, *, deadline: float = 30.0) -> None:
         self.publisher = publisher
-        self.max_pending = max_pending
+        self.exchange = publisher.topology.events
         self.deadline = deadline
-        self._pending: set[asyncio.Task[None]] = set()
 
     async def publish(self, type_: str, payload: dict[str, Any], *, correlation_id: str | None = None) -> None:
-        _, message = envelope(type_, payload, correlation_id=correlation_id)
-        await self.publisher.publish_raw(
-            self.publisher.topology.events, type_, message, mandatory=False, deadline=self.deadline
-        )
+        await self.publish_many([(type_, payload, correlation_id)])
 
-    def emit(self, type_: str, payload: dict[str, Any], *, correlation_id: str | None = None) -> None:
-        if len(self._pending) >= self.max_pending:
-            EVENTS_DROPPED.inc()
-            return
-        task = asyncio.create_task(self._guarded(type_, payload, correlation_id))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _guarded(self, type_: str, payload: dict[str, Any], correlation_id: str | None) -> None:
-        try:
-            await self.publish(type_, payload, correlation_id=correlation_id)
-        except Exception as exc:
-            EVENTS_DROPPED.inc()
-            log.warning("event %s not published: %r", type_, exc)
-
-    async def drain(self, timeout: float = 10.0) -> None:
-        if self._pending:
-            await asyncio.wait(set(self._pending), timeout=timeout)
+    async def publish_many(self, events: list[Event]) -> None:
+        now = datetime.now(UTC)
+        outgoing: list[Outgoing] = []
+        for type_, payload, correlation_id in events:
+            env_id = new_id()
+            body = envelope_body(type_, payload, env_id, now, correlation_id=correlation_id)
+            outgoing.append((type_, body, properties(type_, env_id, now, correlation_id=correlation_id)))
+        if outgoing:
+            await self.publisher.publish_many(self.exchange, outgoing, mandatory=False, deadline=self.deadline)

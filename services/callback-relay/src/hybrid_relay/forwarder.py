@@ -1,19 +1,26 @@
 """The forwarder: ``relay.callbacks`` → the dapi's internal callback server, each batch settled exactly once.
 
-For every ``callback.forward`` it takes from the queue:
+A delivery carries one batch (``callback.forward``) or the door's group of them (``callback.forward_group``). For
+every batch:
 1. its window already closed (windows.py) → dead ``window_closed``, never posted;
 2. a claim on its content digest (ledger.py): content another batch already carried → ``duplicate``, kept out;
-   this very batch already settled (a redelivery) → acked, not counted again;
+   this very batch already settled (a redelivery) → released, not counted again;
 3. POST of the sender's bytes to ``DAPI_CALLBACK_URL`` + the route's path, with a timeout; 2xx → ``forwarded``;
    a 4xx the dapi means (bad body, unknown node: gonka-protocol.md §7) → dead ``rejected``; a timeout, a refused
    connection, 5xx, 408/429 → retried with capped exponential backoff and jitter, until the window closes (dead
    ``window_closed``) or attempts run out (dead ``attempts_exhausted``). v2's 503 outside the acceptance window is
    retried the same way: the relay's own view of the window decides when to stop.
-4. a dead batch is copied, with its reason in the headers, to ``relay.callbacks.dead`` before it is acked.
+4. a dead batch is copied, as a ``callback.forward`` with its reason in the headers, to ``relay.callbacks.dead``
+   before its outcome is recorded.
+A delivery is acked once every batch in it is recorded (and its event published): after a crash the broker
+redelivers it and the ledger recognises what was settled.
 
 Per-node order: batches are handled in queue order on one lane per node (the dapi's ``node_id``); lanes run in
-parallel. The delivery is held while its lane retries — bounded by the exchange window (minutes), far below the
+parallel. The delivery is held while a lane retries — bounded by the exchange window (minutes), far below the
 broker's 30-minute consumer timeout (reliability.md).
+
+Throughput (issue #11): the Redis work is batched — one claim script for all batches of a delivery, one finish script
+for everything settled meanwhile — and outcome events are published with their confirms overlapping.
 """
 
 from __future__ import annotations
@@ -24,25 +31,27 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import aio_pika
-import aiohttp
 import orjson
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from prometheus_client import Counter
 from pydantic import ValidationError
 from redis.exceptions import RedisError
-from yarl import URL
 
-from hybrid_common.bus import Publisher
-from hybrid_common.messages.commands import ForwardCallback
+from hybrid_common.bus import Unroutable
+from hybrid_common.messages.commands import ForwardCallback, ForwardCallbackGroup
 from hybrid_common.topology import OWNER_QUEUES, QueueSpec
-from hybrid_relay.announcer import Announcer
-from hybrid_relay.ledger import Claim, RelayLedger
+from hybrid_relay.announcer import Announcer, Event
+from hybrid_relay.dapi import DapiCallbackClient
+from hybrid_relay.ledger import Claim, RelayLedger, Settlement
 from hybrid_relay.metrics import ATTEMPTS, FORWARD_LAG, FORWARDED_ITEMS, IN_FLIGHT, OUTCOMES
+from hybrid_relay.publishing import PipelinedPublisher
 from hybrid_relay.settings import RelaySettings
 from hybrid_relay.windows import PocWindows
+from hybrid_relay.wire import envelope_body, properties
 
 log = logging.getLogger("hybrid.relay.forwarder")
 
@@ -51,15 +60,39 @@ RETRIED_4XX = frozenset({408, 425, 429})
 T = TypeVar("T")
 
 
+class _Delivery:
+    """One AMQP delivery and how many of its batches are still to be settled."""
+
+    __slots__ = ("message", "remaining", "returned")
+
+    def __init__(self, message: AbstractIncomingMessage, remaining: int) -> None:
+        self.message = message
+        self.remaining = remaining
+        self.returned = False  # nacked back to the queue: never ack it afterwards (the channel would close)
+
+
 @dataclass(slots=True)
 class Job:
-    message: AbstractIncomingMessage
     cmd: ForwardCallback
-    claim: asyncio.Task[Claim]  # started when the batch enters its lane, awaited when its turn comes
+    claim: asyncio.Future[Claim]  # resolved by the claimer (in queue order), awaited at the lane's turn
+    # Deliveries this batch's settlement releases: its own, plus any redelivered copy that arrived meanwhile.
+    holders: list[_Delivery] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    job: Job
+    outcome: str
+    attempts: int
+    status: int | None
+    first: str
+    lag: float
 
 
 def _items(cmd: ForwardCallback) -> int:
-    # Nonces (v1) or artifacts (v2): counted from the body only when settling, never on the door's hot path.
+    # Counted at the door (``items``); a batch queued by an older door is counted from its body.
+    if cmd.items is not None:
+        return cmd.items
     try:
         body = orjson.loads(cmd.body)
     except orjson.JSONDecodeError:
@@ -77,7 +110,7 @@ class CallbackForwarder:
         self,
         settings: RelaySettings,
         connection: AbstractRobustConnection,
-        publisher: Publisher,
+        publisher: PipelinedPublisher,
         announcer: Announcer,
         ledger: RelayLedger,
         windows: PocWindows,
@@ -89,24 +122,23 @@ class CallbackForwarder:
         self.announcer = announcer
         self.ledger = ledger
         self.windows = windows
-        self.base_url = (settings.dapi_callback_url or "").rstrip("/")
-        self.timeout = settings.forward_timeout_s
-        self.session: aiohttp.ClientSession | None = None
+        self.dapi = DapiCallbackClient(settings.dapi_callback_url or "", timeout=settings.forward_timeout_s)
         self._lanes: dict[int, asyncio.Queue[Job]] = {}
         self._workers: dict[int, asyncio.Task[None]] = {}
-        self._completions: set[asyncio.Task[None]] = set()
-        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._active: dict[str, Job] = {}  # batch_id → its job, while unsettled in this process
+        self._claiming: list[Job] = []
+        self._claimer: asyncio.Task[None] | None = None
+        self._settling: list[_Outcome] = []
+        self._recorder: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self.settled: dict[str, int] = {}
+        self._children: dict[tuple[int, str], Counter] = {}
 
     # --- consuming ----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            skip_auto_headers=("User-Agent",),
-        )
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         self._queue = await self.topology.declare_queue(channel, CALLBACK_QUEUE)
@@ -117,35 +149,77 @@ class CallbackForwarder:
         if self._queue is not None and self._tag is not None:
             with contextlib.suppress(Exception):
                 await self._queue.cancel(self._tag)
-        for task in self._workers.values():
+        stopping = [*self._workers.values(), *([self._claimer] if self._claimer else [])]
+        for task in stopping:
             task.cancel()
-        await asyncio.gather(*self._workers.values(), return_exceptions=True)
-        if self._completions:
-            await asyncio.wait(set(self._completions), timeout=5)
-        if self.session is not None:
-            await self.session.close()
+        await asyncio.gather(*stopping, return_exceptions=True)
+        deadline = time.monotonic() + 5
+        while (self._settling or self._background or (self._recorder and not self._recorder.done())) and (
+            time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.02)
+        await self.dapi.close()
 
     @property
     def in_flight(self) -> int:
-        return sum(q.qsize() for q in self._lanes.values()) + len(self._completions)
+        return len(self._active)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # No await before the lane is chosen: aio-pika starts one task per delivery in arrival order, so the lanes
+        # No await before the lanes are chosen: aio-pika starts one task per delivery in arrival order, so the lanes
         # see each node's batches in queue order.
         try:
             envelope = orjson.loads(message.body)
-            cmd = ForwardCallback.model_validate(envelope["payload"])
+            if envelope["type"] == "callback.forward_group":
+                batches = ForwardCallbackGroup.model_validate(envelope["payload"]).batches
+            else:
+                batches = [ForwardCallback.model_validate(envelope["payload"])]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
-            log.error("dead-lettering an unreadable callback.forward %s: %s", message.message_id, exc)
+            log.error("dead-lettering an unreadable %s %s: %s", message.type, message.message_id, exc)
             await message.reject(requeue=False)
             return
-        lane = self._lanes.get(cmd.node_id)
-        if lane is None:
-            lane = self._lanes[cmd.node_id] = asyncio.Queue()
-            self._workers[cmd.node_id] = asyncio.create_task(self._run_lane(lane), name=f"relay-lane-{cmd.node_id}")
-        IN_FLIGHT.inc()
-        claim = asyncio.create_task(self._redis(lambda: self.ledger.claim(cmd.batch_id, cmd.digest)))
-        lane.put_nowait(Job(message, cmd, claim))
+        delivery = _Delivery(message, len(batches))
+        fresh: list[Job] = []
+        loop = asyncio.get_running_loop()
+        for cmd in batches:
+            running = self._active.get(cmd.batch_id)
+            if running is not None:
+                # A copy of a batch this process is still forwarding (a publish retried after a lost confirm, or a
+                # redelivery after a channel loss): it is settled with the original, never posted twice from here.
+                running.holders.append(delivery)
+                continue
+            job = Job(cmd, loop.create_future(), [delivery])
+            self._active[cmd.batch_id] = job
+            fresh.append(job)
+        if not fresh:
+            return
+        IN_FLIGHT.inc(len(fresh))
+        self._claiming += fresh
+        if self._claimer is None or self._claimer.done():
+            self._claimer = asyncio.create_task(self._claim(), name="relay-claimer")
+        for job in fresh:
+            lane = self._lanes.get(job.cmd.node_id)
+            if lane is None:
+                lane = self._lanes[job.cmd.node_id] = asyncio.Queue()
+                self._workers[job.cmd.node_id] = asyncio.create_task(
+                    self._run_lane(lane), name=f"relay-lane-{job.cmd.node_id}"
+                )
+            lane.put_nowait(job)
+
+    async def _claim(self) -> None:
+        # One claimer at a time, in queue order: of two batches with one content, the one taken first from the
+        # queue carries it; what arrives while a claim script runs joins the next one.
+        while self._claiming:
+            jobs, self._claiming = self._claiming, []
+            pairs = [(j.cmd.batch_id, j.cmd.digest) for j in jobs]
+            try:
+                claims = await self._redis(lambda: self.ledger.claim_many(pairs))  # noqa: B023 (awaited here)
+            except asyncio.CancelledError:  # stopping: the lanes waiting on these claims stop too
+                for job in jobs:
+                    job.claim.cancel()
+                raise
+            for job, claim in zip(jobs, claims, strict=True):
+                if not job.claim.done():
+                    job.claim.set_result(claim)
 
     async def _run_lane(self, lane: asyncio.Queue[Job]) -> None:
         while True:
@@ -154,12 +228,9 @@ class CallbackForwarder:
                 await self._forward(job)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug must not stop the lane; the message goes back for another try
+            except Exception:  # a bug must not stop the lane; the delivery goes back for another try
                 log.exception("forwarding batch %s failed unexpectedly", job.cmd.batch_id)
-                IN_FLIGHT.dec()
-                job.claim.cancel()
-                with contextlib.suppress(Exception):
-                    await job.message.nack(requeue=True)
+                self._abandon([job])
 
     # --- one batch ----------------------------------------------------------------------------------------------
 
@@ -167,7 +238,7 @@ class CallbackForwarder:
         cmd = job.cmd
         claim = await job.claim
         if claim.state == "done":
-            self._complete(self._ack(job))  # settled before a redelivery: ack, count nothing twice
+            self._release(job)  # settled before a redelivery: ack, count nothing twice
             return
         if self.windows.closed(cmd.block_height, cmd.kind):
             self._settle(job, "dead:window_closed", attempts=0, status=None)
@@ -175,10 +246,13 @@ class CallbackForwarder:
         if claim.state == "dup":
             self._settle(job, "duplicate", attempts=0, status=None, first=claim.other)
             return
+        body = cmd.body.encode()
         attempts, delay = 0, self.settings.backoff_first_s
         while True:
             attempts += 1
-            status = await self._post(cmd)
+            answer = await self.dapi.post(cmd.path, body)
+            status = answer if isinstance(answer, int) else None
+            self._count_attempt(str(status) if status is not None else type(answer).__name__)
             if status is not None and 200 <= status < 300:
                 self._settle(job, "forwarded", attempts=attempts, status=status)
                 return
@@ -188,6 +262,7 @@ class CallbackForwarder:
             if attempts >= self.settings.max_attempts:
                 self._settle(job, "dead:attempts_exhausted", attempts=attempts, status=status)
                 return
+            log.debug("POST %s: %r; retrying", cmd.path, answer)
             pause = random.uniform(delay / 2, delay)  # jitter: lanes retrying together do not stampede the dapi
             delay = min(delay * 2, self.settings.backoff_cap_s)
             deadline = time.monotonic() + pause
@@ -197,114 +272,181 @@ class CallbackForwarder:
                     return
                 await asyncio.sleep(min(left, 0.25))
 
-    async def _post(self, cmd: ForwardCallback) -> int | None:
-        assert self.session is not None
-        try:
-            async with self.session.post(
-                URL(self.base_url + cmd.path, encoded=True),  # the path as received (v2 model ids escaped twice)
-                data=cmd.body.encode(),
-                headers={"Content-Type": "application/json"},
-            ) as response:
-                await response.read()
-                ATTEMPTS.labels(str(response.status)).inc()
-                return response.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            ATTEMPTS.labels(type(exc).__name__).inc()
-            log.debug("POST %s failed: %r", cmd.path, exc)
-            return None
-
     def _settle(self, job: Job, outcome: str, *, attempts: int, status: int | None, first: str = "") -> None:
-        """Record the outcome in the background; the lane moves on to its next batch at once.
+        """Queue the outcome for recording; the lane moves on to its next batch at once.
 
         Per-node order only needs each POST to follow the previous one's answer; the bookkeeping after it can
         overlap the next POST. A crash in between re-posts batches whose outcome was not yet recorded: duplicates at
         the dapi bounded by what was in flight, which is the guarantee.
         """
         lag = max(0.0, time.time() - job.cmd.received_at.timestamp())
-        self._complete(self._record(job, outcome, attempts, status, first, lag))
+        self._settling.append(_Outcome(job, outcome, attempts, status, first, lag))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record(), name="relay-recorder")
 
-    async def _record(self, job: Job, outcome: str, attempts: int, status: int | None, first: str, lag: float) -> None:
-        cmd = job.cmd
-        items = _items(cmd)
-        if outcome.startswith("dead:"):
-            # The batch itself goes to relay.callbacks.dead with its reason before it is acked (an operator can
-            # replay it); a crash in between can only copy it twice.
-            await self._dead_letter(job, outcome[5:], attempts, status)
-        previous = await self._redis(
-            lambda: self.ledger.finish(
-                cmd.batch_id, cmd.digest, outcome, block_height=cmd.block_height, node_id=cmd.node_id, items=items
-            )
-        )
-        if previous is None:  # else a redelivery of a batch settled before: nothing new to count or announce
-            OUTCOMES.labels(outcome).inc()
-            self.settled[outcome] = self.settled.get(outcome, 0) + 1
+    # --- recording outcomes (batched) ---------------------------------------------------------------------------
+
+    async def _record(self) -> None:
+        # One recorder at a time: outcomes gather for ``record_interval`` and while it waits for Redis, so a round
+        # costs one Redis script, one write of events and a few acks however many batches it settles.
+        while self._settling:
+            await asyncio.sleep(self.settings.record_interval)
+            done, self._settling = self._settling, []
             try:
-                await self.announcer.publish(
-                    *self._event(cmd, outcome, attempts, status, first, lag, items),
-                    correlation_id=f"poc:{cmd.block_height}",
-                )
-            except Exception as exc:  # the outcome is recorded in relay:stats either way
-                log.warning("event for %s not published: %r", cmd.batch_id, exc)
-        await self._ack(job)
+                await self._record_round(done)
+            except Exception:  # their deliveries go back to the queue; the ledger recognises what was recorded
+                log.exception("recording %d outcomes failed", len(done))
+                self._abandon([o.job for o in done])
 
-    def _event(
-        self, cmd: ForwardCallback, outcome: str, attempts: int, status: int | None, first: str, lag: float, items: int
-    ) -> tuple[str, dict[str, Any]]:
-        if outcome == "forwarded":
-            FORWARD_LAG.observe(lag)
+    async def _record_round(self, done: list[_Outcome]) -> None:
+        dead = [o for o in done if o.outcome.startswith("dead:")]
+        if dead:
+            # The batch itself goes to relay.callbacks.dead with its reason before its outcome is recorded (an
+            # operator can replay it); a crash in between can only copy it twice.
+            await asyncio.gather(*(self._dead_letter(o) for o in dead))
+        settlements = [
+            Settlement(
+                o.job.cmd.batch_id,
+                o.job.cmd.digest,
+                o.outcome,
+                o.job.cmd.block_height,
+                o.job.cmd.node_id,
+                _items(o.job.cmd),
+            )
+            for o in done
+        ]
+        previous = await self._redis(lambda: self.ledger.finish_many(settlements))
+        fresh = [o for o, p in zip(done, previous, strict=True) if p is None]
+        # Events and acks in the background: the next round of Redis work does not wait for their confirms.
+        self._spawn(self._announce_and_release(fresh, done))
+
+    async def _announce_and_release(self, fresh: list[_Outcome], done: list[_Outcome]) -> None:
+        events: list[Event] = []
+        for o in fresh:  # else a redelivery of a batch settled before: nothing new to count or announce
+            self._count(OUTCOMES, o.outcome)
+            self.settled[o.outcome] = self.settled.get(o.outcome, 0) + 1
+            cmd = o.job.cmd
+            correlation = f"poc:{cmd.block_height}"
+            if self.settings.accepted_events:
+                events.append((*self._accepted(cmd), correlation))
+            events.append((*self._event(o, _items(cmd)), correlation))
+        try:
+            await self.announcer.publish_many(events)
+        except Exception as exc:  # the outcomes are recorded in relay:stats either way
+            log.warning("%d outcome events not published: %r", len(events), exc)
+        for o in done:
+            self._release(o.job)
+
+    def _release(self, job: Job) -> None:
+        if self._active.pop(job.cmd.batch_id, None) is not None:
+            IN_FLIGHT.dec()
+        for holder in job.holders:
+            holder.remaining -= 1
+            if holder.remaining == 0 and not holder.returned:
+                self._spawn(self._ack(holder))
+
+    def _abandon(self, jobs: list[Job]) -> None:
+        """Give these batches back to the broker unsettled (their deliveries are redelivered whole)."""
+        for job in jobs:
+            if self._active.pop(job.cmd.batch_id, None) is not None:
+                IN_FLIGHT.dec()
+            for holder in job.holders:
+                if not holder.returned:
+                    holder.returned = True
+                    self._spawn(self._nack(holder))
+
+    async def _nack(self, delivery: _Delivery) -> None:
+        try:
+            await delivery.message.nack(requeue=True)
+        except Exception as exc:  # channel gone: the broker requeues it anyway
+            log.info("nack of %s lost (%r)", delivery.message.message_id, exc)
+
+    async def _ack(self, delivery: _Delivery) -> None:
+        try:
+            await delivery.message.ack()
+        except Exception as exc:  # channel gone with the broker: it redelivers, the ledger says "done"
+            log.info("ack of %s lost (%r); the redelivery will be recognised", delivery.message.message_id, exc)
+
+    @staticmethod
+    def _accepted(cmd: ForwardCallback) -> tuple[str, dict[str, Any]]:
+        return "callback.accepted", {
+            "batch_id": cmd.batch_id,
+            "path": cmd.path,
+            "generation": cmd.generation,
+            "kind": cmd.kind,
+            "node_id": cmd.node_id,
+            "block_height": cmd.block_height,
+            "items": _items(cmd),
+        }
+
+    def _event(self, o: _Outcome, items: int) -> tuple[str, dict[str, Any]]:
+        cmd = o.job.cmd
+        if o.outcome == "forwarded":
+            FORWARD_LAG.observe(o.lag)
             FORWARDED_ITEMS.inc(items)
             return "callback.forwarded", {
                 "batch_id": cmd.batch_id,
-                "attempts": attempts,
-                "status": status,
-                "lag_ms": round(lag * 1000, 3),
+                "attempts": o.attempts,
+                "status": o.status,
+                "lag_ms": round(o.lag * 1000, 3),
             }
-        if outcome == "duplicate":
-            log.debug("duplicate batch %s kept out (content first carried by %s)", cmd.batch_id, first)
+        if o.outcome == "duplicate":
+            log.debug("duplicate batch %s kept out (content first carried by %s)", cmd.batch_id, o.first)
             return "callback.duplicate", {"batch_id": cmd.batch_id, "path": cmd.path}
         log.warning(
             "batch %s dead: %s",
             cmd.batch_id,
-            outcome[5:],
-            extra={"fields": {"node_id": cmd.node_id, "block_height": cmd.block_height, "last_status": status}},
+            o.outcome[5:],
+            extra={"fields": {"node_id": cmd.node_id, "block_height": cmd.block_height, "last_status": o.status}},
         )
         return "callback.dead", {
             "batch_id": cmd.batch_id,
             "path": cmd.path,
-            "reason": outcome[5:],
-            "last_status": status,
-            "attempts": attempts,
+            "reason": o.outcome[5:],
+            "last_status": o.status,
+            "attempts": o.attempts,
         }
 
-    def _complete(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self._completions.add(task)
-        task.add_done_callback(self._completions.discard)
-
-    async def _ack(self, job: Job) -> None:
-        IN_FLIGHT.dec()
-        try:
-            await job.message.ack()
-        except Exception as exc:  # channel gone with the broker: it redelivers, the ledger says "done"
-            log.info("ack of %s lost (%r); the redelivery will be recognised", job.cmd.batch_id, exc)
-
-    async def _dead_letter(self, job: Job, reason: str, attempts: int, status: int | None) -> None:
-        original = job.message
-        headers: dict[str, Any] = {"x-relay-dead-reason": reason, "x-relay-attempts": attempts}
-        if status is not None:
-            headers["x-relay-last-status"] = status
-        message = aio_pika.Message(
-            original.body,
-            headers=headers,
-            message_id=original.message_id,
-            type=original.type,
-            content_type=original.content_type,
-            correlation_id=original.correlation_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            app_id=original.app_id,
+    async def _dead_letter(self, o: _Outcome) -> None:
+        """The batch as a ``callback.forward`` of its own (its id = the batch id), reason in the headers."""
+        cmd = o.job.cmd
+        headers: dict[str, Any] = {"x-relay-dead-reason": o.outcome[5:], "x-relay-attempts": o.attempts}
+        if o.status is not None:
+            headers["x-relay-last-status"] = o.status
+        now = datetime.now(UTC)
+        correlation = f"poc:{cmd.block_height}"
+        body = envelope_body(
+            ForwardCallback.TYPE, cmd.model_dump(mode="json"), cmd.batch_id, now, correlation_id=correlation
         )
+        props = properties(ForwardCallback.TYPE, cmd.batch_id, now, correlation_id=correlation, headers=headers)
         queue = self.topology.name(CALLBACK_QUEUE.name)
-        await self.publisher.publish_raw(self.topology.dlx, queue, message, mandatory=True)
+        try:
+            await self.publisher.publish(self.topology.dlx, queue, body, props, mandatory=True, deadline=120.0)
+        except Unroutable:
+            # relay.callbacks.dead is gone (deleted by hand?): declare the topology again rather than drop the batch.
+            log.warning("relay.callbacks.dead missing; declaring it again")
+            channel = await self.connection.channel()
+            try:
+                await self.topology.declare_queue(channel, CALLBACK_QUEUE)
+            finally:
+                await channel.close()
+            await self.publisher.publish(self.topology.dlx, queue, body, props, mandatory=True, deadline=120.0)
+
+    # --- plumbing -----------------------------------------------------------------------------------------------
+
+    def _count_attempt(self, result: str) -> None:
+        self._count(ATTEMPTS, result)
+
+    def _count(self, metric: Counter, label: str) -> None:
+        child = self._children.get((id(metric), label))
+        if child is None:  # prometheus_client's labels() takes a lock and builds a key per call
+            child = self._children[(id(metric), label)] = metric.labels(label)
+        child.inc()
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _redis(self, call: Callable[[], Awaitable[T]]) -> T:
         """Redis is where dedupe and accounting live: wait for it rather than forward blind."""

@@ -43,9 +43,23 @@ class RelaySettings(CommonSettings):
     door_publish_deadline: float = Field(
         default=5.0, gt=0, description="longest the door waits for a confirm before answering 503 (sender retries)"
     )
+    door_group_max_batches: int = Field(
+        default=256, ge=1, description="most batches one confirmed hand-off message carries (handoff.py)"
+    )
+    door_group_max_bytes: int = Field(default=1024 * 1024, gt=0, description="most body bytes per hand-off message")
+    door_groups_in_flight: int = Field(
+        default=4, ge=1, description="hand-off messages awaiting their confirm at once; more batches wait and group"
+    )
+    door_keepalive: float = Field(default=30.0, gt=0, description="idle keep-alive connections close after (s)")
     refuse_at_door: bool = Field(default=True, description="answer the dapi's refusal at the door when it is known")
     accepted_events: bool = Field(
-        default=True, description="publish callback.accepted per batch (relay:stats counts accepted batches regardless)"
+        default=True,
+        description="publish callback.accepted per batch, with its outcome (relay:stats counts accepted batches "
+        "regardless)",
+    )
+
+    gc_freeze: bool = Field(
+        default=True, description="freeze start-up objects and collect the young generation less often (latency)"
     )
 
     # Forwarding.
@@ -53,7 +67,10 @@ class RelaySettings(CommonSettings):
     backoff_first: float | None = Field(default=None, gt=0)
     backoff_cap: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=40, ge=1)
-    prefetch: int = Field(default=512, ge=1)
+    prefetch: int = Field(default=64, ge=1, description="deliveries held at once (a delivery is one batch or a group)")
+    record_interval: float = Field(
+        default=0.01, ge=0, description="outcomes gather this long (s) before one round records and announces them"
+    )
     dedupe: bool = Field(default=True, description="drop batches whose content was already forwarded")
     seen_ttl: float | None = Field(default=None, gt=0, description="dedupe memory (s); default two epochs")
     window_margin_blocks: float = Field(
@@ -66,9 +83,10 @@ class RelaySettings(CommonSettings):
 
     @property
     def forward_timeout_s(self) -> float:
-        # The dapi answers in milliseconds; the v2 sender's own budget is 10 s (gonka-protocol.md §7). Floor of 1 s
-        # so a loaded test machine does not turn a healthy dapi into timeouts.
-        return self.forward_timeout or max(1.0, self.profile.scale(10.0))
+        # The dapi answers in milliseconds; the v2 sender's own budget is 10 s (gonka-protocol.md §7). A POST that
+        # times out is posted again, and if the dapi had only been slow it now holds the batch twice: so a floor of
+        # 5 s even in shrunk test epochs, where a loaded machine can stall a healthy simulator for a second.
+        return self.forward_timeout or max(5.0, self.profile.scale(10.0))
 
     @property
     def backoff_first_s(self) -> float:

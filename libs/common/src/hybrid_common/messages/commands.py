@@ -124,6 +124,19 @@ class ForwardCallback(Command):
     block_height: int
     received_at: datetime
     source_ip: str | None = None
+    items: int | None = Field(default=None, description="nonces (v1) or artifacts (v2), counted at the door")
+
+
+class ForwardCallbackGroup(Command):
+    """Several accepted PoC batches in one message: the relay door's group commit.
+
+    One publisher confirm covers every batch in the group, and each batch's 200 goes out only after it; the forwarder
+    handles them one by one (each keeps its own ``batch_id``, dedupe and outcome) and acks the group when all are settled.
+    """
+
+    TYPE: ClassVar[str] = "callback.forward_group"
+
+    batches: list[ForwardCallback] = Field(min_length=1)
 
 
 # --- scheduler ----------------------------------------------------------------------------------------------------
