@@ -210,12 +210,20 @@ class _ResponseReader(asyncio.Protocol):
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
 
-    async def exchange(self, request: bytes) -> None:
+    def send(self, request: bytes) -> asyncio.Future[None]:
+        """Write the request now; the future resolves with the whole response.
+
+        Written from the caller's own turn of the loop and awaited as a plain future: wrapping it in a task
+        (``asyncio.wait_for`` on a coroutine) would cost a task per request and a loop turn before the request
+        leaves, both counted in the latency measured."""
         assert self.transport is not None
         self._reset()
         self.done = asyncio.get_running_loop().create_future()
         self.transport.write(request)
-        await self.done
+        return self.done
+
+    async def exchange(self, request: bytes) -> None:
+        await self.send(request)
 
 
 async def _connection_loop(
@@ -236,7 +244,8 @@ async def _connection_loop(
             budget[0] -= 1
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(reader.exchange(request), spec.timeout_s)
+            async with asyncio.timeout(spec.timeout_s):
+                await reader.send(request)
         except (OSError, ConnectionError, TimeoutError, ValueError):
             if started >= measure_from:
                 out.errors += 1

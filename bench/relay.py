@@ -1,16 +1,20 @@
 """Benchmark of the callback relay (issue #11): accepted batches/s with publisher confirms, accept latency,
 forward lag to a healthy dapi simulator, and batches lost — with the machine's share of CPU behind each figure.
 
-Runs the dapi simulator (``python -m sim dapi``) and the relay (``python -m hybrid_relay``) as their own processes
-and posts unique v1 ProofBatches from a separate client process, ``--concurrency`` keep-alive connections, each
-one MLNode (its own ``node_id`` unless ``--nodes`` says fewer) waiting for its 200 before its next batch, as the
-MLNode senders do. Every body differs (its nonces carry the
-batch's sequence number), so deduplication never hides forwarding work. The forward lag (door accept → dapi 2xx) is
-read from the relay's ``hybrid_relay_forward_lag_seconds`` histogram (the values its ``callback.forwarded`` events
-carry; ``--lag-from-events`` consumes the events instead: exact per batch, but the consumer costs the broker a
-delivery per batch, which nothing in production pays). The simulator's ``/_sim/batches`` tells which batches reached it:
-``lost`` = answered 200 but never reached the dapi. (The simulator keeps only its last 15,000–20,000 batches, so the
-bench reads that list every 2 s during the load and stitches the reads together.)
+Runs the dapi simulator and the relay (``python -m hybrid_relay``) as their own processes and posts unique v1
+ProofBatches from a separate client process, ``--concurrency`` keep-alive connections, each one MLNode (its own
+``node_id`` unless ``--nodes`` says fewer) waiting for its 200 before its next batch, as the MLNode senders do. Every
+body differs (its nonces carry the batch's sequence number), so deduplication never hides forwarding work. The
+forward lag (door accept → dapi 2xx) is read from the relay's ``hybrid_relay_forward_lag_seconds`` histogram (the
+values its ``callback.forwarded`` events carry; ``--lag-from-events`` consumes the events instead: exact per batch, but
+the consumer costs the broker a delivery per batch, which nothing in production pays).
+
+The simulator is ``sim.network``'s, started by this script in a process of its own on uvloop (the real dapi is Go:
+the stand-in should not take the CPU the relay needs on a 2-core machine), with one addition for the bench: every
+batch the chain logs also appends its sequence number to an arrivals file, which this script reads as it grows.
+``lost`` = answered 200 but never reached the dapi. (Reading the simulator's ``/_sim/batches`` instead — its last
+15,000–20,000 batches, about 7 MB of JSON — every 2 s cost the simulator and this script ~0.2 s of CPU per read, in
+bursts that showed up in the relay's latency tail.)
 
 Before the load, the broker's own ceiling is measured in the same run ("peer"): a minimal aio-pika publisher, one
 persistent message per publish to a quorum queue and ``--concurrency`` publishers each awaiting its confirm — what a
@@ -26,10 +30,13 @@ Usage: ``.venv/bin/python bench/relay.py [--duration 10] [--concurrency 64] [--n
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -104,23 +111,25 @@ def _machine_jiffies() -> tuple[float, float]:
 
 
 def _batch(seq: int, nonces: int, node: int) -> bytes:
+    """A v1 ProofBatch whose nonces carry ``seq`` (``nonce // 1000``); built from a template (cheap for the client)."""
     first = seq * 1000
-    body = {
-        "public_key": "bench-pk",
-        "block_hash": "bench-hash",
-        "block_height": 100,
-        "nonces": [first + i for i in range(nonces)],
-        "dist": [0.25 + i / 1000 for i in range(nonces)],
-        "node_id": node,
-    }
-    return json.dumps(body, separators=(",", ":")).encode()
+    listed = ",".join(map(str, range(first, first + nonces)))
+    return b'%s[%s],"dist":%s,"node_id":%d}' % (_BATCH_HEAD, listed.encode(), _dist(nonces), node)
+
+
+_BATCH_HEAD = b'{"public_key":"bench-pk","block_hash":"bench-hash","block_height":100,"nonces":'
+
+
+@functools.cache
+def _dist(nonces: int) -> bytes:
+    return json.dumps([0.25 + i / 1000 for i in range(nonces)], separators=(",", ":")).encode()
 
 
 def _request(port: int, body: bytes) -> bytes:
     return (
-        f"POST /v1/poc-batches/generated HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
+        b"POST /v1/poc-batches/generated HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (port, len(body), body)
+    )
 
 
 # --- the load client (its own process) ------------------------------------------------------------------------------
@@ -148,7 +157,8 @@ async def _client(
             n = seq[0]
             t0 = time.perf_counter()
             try:
-                await asyncio.wait_for(reader.exchange(_request(port, _batch(n, nonces, node))), 30)
+                async with asyncio.timeout(30):
+                    await reader.send(_request(port, _batch(n, nonces, node)))
             except (OSError, TimeoutError, ValueError):
                 errors[0] += 1
                 reader = None
@@ -227,43 +237,65 @@ async def _broker_peer(amqp_url: str, concurrency: int, seconds: float, broker_p
 # --- what reached the dapi -------------------------------------------------------------------------------------------
 
 
-class DapiBatchLog:
-    """Every batch the simulator logged, stitched from reads of its rolling ``/_sim/batches`` list.
+def _serve_dapi(public: int, admin: int, callback: int, arrivals: str) -> None:
+    """The bench's dapi simulator (a process of its own): ``sim.network`` on uvloop, appending the sequence number of
+    every batch its chain logs to ``arrivals`` (native 8-byte integers; -1 for a batch without nonces)."""
+    import uvloop
 
-    The list only grows at its end and loses 5,000 entries at a time from its front; each read is aligned on the
-    previous one, so an entry is counted once however many reads saw it.
-    """
+    from hybrid_common import current_profile
+    from sim.network.dapi import start_dapi
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.entries: list[dict[str, Any]] = []
-        self._last: list[dict[str, Any]] = []
-        self.gaps = 0
+    async def serve() -> None:
+        running = await start_dapi(
+            public_port=public, admin_port=admin, callback_port=callback, profile=current_profile()
+        )
+        chain = running.dapi.chain
+        seqs = array.array("q")
+        add_batch = chain.add_batch
 
-    async def read(self) -> None:
-        import aiohttp
+        def logged(entry: Any) -> None:
+            sample = entry.nonce_sample
+            seqs.append(sample[0] // 1000 if sample else -1)
+            add_batch(entry)
 
-        async with aiohttp.ClientSession() as s, s.get(f"{self.url}/_sim/batches") as r:
-            data = await r.json()
-        current: list[dict[str, Any]] = data if isinstance(data, list) else data.get("batches", [])
-        last = self._last
-        for trimmed in range(0, len(last) + 1, 5000):
-            overlap = last[trimmed:]
-            if current[: len(overlap)] == overlap:
-                self.entries += current[len(overlap) :]
-                break
-        else:  # more than the simulator keeps arrived between two reads: some entries were never seen
-            self.gaps += 1
-            self.entries += current
-        self._last = current
+        chain.add_batch = logged  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"dapi public={running.public_url} callback={running.callback_url}", flush=True)
+        with open(arrivals, "wb", buffering=0) as out:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)
+                if seqs:
+                    out.write(seqs.tobytes())
+                    del seqs[:]
+        await running.close()
 
-    def arrivals(self) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        for b in self.entries:
-            if b.get("nonce_sample"):
-                seq = b["nonce_sample"][0] // 1000
+    uvloop.run(serve())
+
+
+class DapiArrivals:
+    """How many times each batch (by sequence number) reached the simulator, from its arrivals file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.counts: dict[int, int] = {}
+        self._offset = 0
+
+    def read(self) -> dict[int, int]:
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+            whole = len(data) - len(data) % 8  # a write still in progress is read next time
+            self._offset += whole
+            seqs = array.array("q")
+            seqs.frombytes(data[:whole])
+            counts = self.counts
+            for seq in seqs:
                 counts[seq] = counts.get(seq, 0) + 1
-        return counts
+        return self.counts
 
 
 async def _collect_lags(amqp_url: str, namespace: str, lags: dict[str, float], ready: asyncio.Event) -> None:
@@ -319,20 +351,32 @@ async def _histogram(port: int, name: str) -> dict[str, Any]:
     }
 
 
-async def _relay_status(redis_url: str, namespace: str) -> dict[str, Any]:
-    """Groups and batches the door handed off, from the relay's last heartbeat (every 10 s)."""
+async def _handed_off(port: int) -> dict[str, Any]:
+    """Hand-off messages the door published and the batches they carried, from its ``hybrid_relay_handoff_batches``
+    histogram (count = messages, sum = batches)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("hybrid_relay_handoff_batches_count ", "hybrid_relay_handoff_batches_sum ")):
+            name, value = line.split(" ", 1)
+            values[name.rsplit("_", 1)[1]] = float(value)
+    groups, batches = int(values.get("count", 0)), int(values.get("sum", 0))
+    return {"groups": groups, "batches": batches, "mean_group": round(batches / groups, 1) if groups else None}
+
+
+async def _delete_redis_keys(redis_url: str, namespace: str) -> None:
+    """The run's Redis keys that have no TTL (the per-batch ones expire after RELAY_SEEN_TTL)."""
     from redis.asyncio import Redis
 
+    from hybrid_common.redis_keys import RedisKeys
+
+    keys = RedisKeys(namespace)
     redis = Redis.from_url(redis_url)
     try:
-        out: dict[str, Any] = {}
-        async for key in redis.scan_iter(f"{namespace}:status:callback-relay:*"):
-            value = await redis.get(key)
-            if value:
-                handed = json.loads(value).get("handed_off") or {}
-                if handed.get("groups"):
-                    out = {**handed, "mean_group": round(handed["batches"] / handed["groups"], 1)}
-        return out
+        await redis.delete(keys.relay_stats(), keys.relay_windows())
     finally:
         await redis.aclose()
 
@@ -375,8 +419,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     metrics_port, forwarder_metrics_port = _free_port(), _free_port()
     logs = tempfile.mkdtemp(prefix="relay-bench-")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    dapi_args = ["--public-port", str(public), "--admin-port", str(admin), "--callback-port", str(callback)]
-    dapi = _spawn([PY, "-m", "sim", "dapi", *dapi_args], env, f"{logs}/dapi.log")
+    arrivals_file = f"{logs}/dapi-arrivals.bin"
+    dapi_args = ["--serve-dapi", str(public), str(admin), str(callback), arrivals_file]
+    dapi = _spawn([PY, str(Path(__file__).resolve()), *dapi_args], env, f"{logs}/dapi.log")
     relay_env = {
         **env,
         "AMQP_URL": amqp_url,
@@ -387,6 +432,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "RELAY_PUBLIC_PORT": str(relay_port),
         "RELAY_METRICS_PORT": str(metrics_port),
         "LOG_LEVEL": "WARNING",
+        # The dedupe memory only has to outlive the run: the shared Redis is not left with an hour of 5 keys a batch.
+        "RELAY_SEEN_TTL": "300",
         "RELAY_ACCEPTED_EVENTS": "false" if args.no_accepted_events else "true",
         **dict(kv.split("=", 1) for kv in args.relay_env),
     }
@@ -407,7 +454,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         else None
     )
     lags: dict[str, float] = {}
-    dapi_log = DapiBatchLog(f"http://127.0.0.1:{public}")
+    dapi_log = DapiArrivals(arrivals_file)
     try:
         _wait_port(callback)
         _wait_port(relay_port)
@@ -433,24 +480,25 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 args.nonces,
                 args.nodes or args.concurrency,
             )
-            while not load.done():
-                await asyncio.wait({load}, timeout=2.0)
-                await dapi_log.read()
-            result = load.result()
+            result = await load
         accepted: list[int] = result["accepted"]
         busy, total = (b - a for a, b in zip(machine_before, _machine_jiffies(), strict=True))
         per_batch = 1e6 / max(1, len(accepted))
         cpu_us = {name: round(per_batch * (_cpu_seconds(pid) - cpu_before[name]), 1) for name, pid in procs}
         cpu_us["load_client"] = round(per_batch * result["cpu_s"], 1)
         cpu_us["machine_all"] = round(per_batch * busy / os.sysconf("SC_CLK_TCK"), 1)
+        # What the machine spent besides the processes above (Redis, the kernel, this script, other people's work on a
+        # shared machine): a large share means the run measured the neighbours as much as the relay.
+        cpu_us["everything_else"] = round(
+            cpu_us["machine_all"] - sum(v for k, v in cpu_us.items() if k != "machine_all"), 1
+        )
         machine_busy_pct = round(100 * busy / max(1.0, total), 1)
         print(f"client: {len(accepted)} batches answered 200, status {result['status']}, errors {result['errors']}")
         # Drain: every accepted batch reached the dapi (or the wait gives up and the rest count as lost).
         deadline = time.monotonic() + args.drain_timeout
         waited_from = time.monotonic()
         while True:
-            await dapi_log.read()
-            arrivals = dapi_log.arrivals()
+            arrivals = dapi_log.read()
             if all(n in arrivals for n in accepted) and (collector is None or len(lags) >= len(accepted)):
                 break
             if time.monotonic() > deadline:
@@ -466,7 +514,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         lag_metrics = await _histogram(lag_port, "hybrid_relay_forward_lag_seconds")
         door_part = await _histogram(metrics_port, "hybrid_relay_accept_seconds")
         confirm_part = await _histogram(metrics_port, "hybrid_relay_handoff_confirm_seconds")
-        handed_off = await _relay_status(redis_url, namespace)
+        handed_off = await _handed_off(metrics_port)
         lost = sum(1 for n in accepted if n not in arrivals)
         dapi_duplicates = sum(c - 1 for c in arrivals.values() if c > 1)
         lat = _percentiles(result["latencies"])
@@ -490,8 +538,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  the same from the relay's histogram: {lag_metrics}")
         print(f"reached the dapi: {len(arrivals)}   lost: {lost}   duplicates at the dapi: {dapi_duplicates}")
         print(f"CPU per accepted batch (µs, during the load): {cpu_us}; machine busy {machine_busy_pct}%")
-        print(f"drain wait after the load: {drained_s:.1f}s   simulator-log gaps: {dapi_log.gaps}   logs: {logs}")
-        print(f"door hand-off (last heartbeat): {handed_off}")
+        print(f"drain wait after the load: {drained_s:.1f}s   logs: {logs}")
+        print(f"door hand-off: {handed_off}")
         return {
             "accepted_per_s": round(accepted_per_s, 1),
             "accept_p50_ms": lat.get("p50"),
@@ -508,6 +556,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "nodes": args.nodes or args.concurrency,
             "split": args.split,
             "accepted_events": not args.no_accepted_events,
+            "door_mean_group": handed_off.get("mean_group"),
             "cpu_us_per_batch": cpu_us,
             "machine_busy_pct": machine_busy_pct,
             "peer": peer,
@@ -528,9 +577,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.wait_for(_delete_namespace(amqp_url, namespace), 60)
         except Exception as exc:
             print(f"could not delete the namespace {namespace} from the broker: {exc!r}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            await _delete_redis_keys(redis_url, namespace)
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve-dapi"]:  # the simulator's own process, started by main()
+        _serve_dapi(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+        sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)

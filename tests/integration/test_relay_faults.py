@@ -353,13 +353,23 @@ async def test_ten_thousand_batches_through_outage_broker_restart_and_kill(
             await w.callback_server(True)
             # (b) the broker restarts: the door answers 503 while it cannot confirm, the senders retry.
             await at(4000)
+            # The senders slow down while the broker restarts: under load `rabbitmqctl stop` takes seconds to begin,
+            # and at full pace the fleet could finish before the broker went down (the fault must land mid-run).
+            fleet.pause = 0.5
             await asyncio.to_thread(rabbit.restart)
             faults["broker_restarted_at"] = fleet.accepted_unique
+            fleet.pause = 0.06
             # (c) the relay is SIGKILLed mid-forwarding and started again.
-            await at(6500)
+            await at(min(6500, faults["broker_restarted_at"] + 1000))
             relay.kill()
             faults["killed_at"] = fleet.accepted_unique
-            faults["in_flight_at_kill"] = await in_flight_batches(rabbit.url, f"{namespace}.relay.callbacks")
+            # The broker requeues the dead connection's unacked deliveries once it notices the socket closed: count
+            # until two reads agree, so a slow broker does not make the bound smaller than what was really in flight.
+            counts = [await in_flight_batches(rabbit.url, f"{namespace}.relay.callbacks")]
+            while len(counts) < 6 and (len(counts) < 2 or counts[-1] != counts[-2]):
+                await asyncio.sleep(0.3)
+                counts.append(await in_flight_batches(rabbit.url, f"{namespace}.relay.callbacks"))
+            faults["in_flight_at_kill"] = max(counts)
             relay = relay_process(rabbit.url, redis_url, namespace, w.dapi, port).start()
             await asyncio.wait_for(sending, 240)
             arrivals = await wait_delivered(w, fleet, 120)

@@ -88,7 +88,7 @@ class DapiCallbackClient:
         head = f"POST {self.prefix}{path} HTTP/1.1\r\n{self._head}Content-Length: {len(body)}\r\n\r\n"
         return head.encode("latin-1") + body  # the path as received (v2 model ids stay escaped twice, §7)
 
-    async def _connection(self) -> _Exchange:
+    def _idle_connection(self) -> _Exchange | None:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
@@ -96,6 +96,9 @@ class DapiCallbackClient:
                 return conn
             conn.close()
             self._all.discard(conn)
+        return None
+
+    async def _new_connection(self) -> _Exchange:
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(_Exchange, self.host, self.port)
         self._all.add(conn)
@@ -106,7 +109,7 @@ class DapiCallbackClient:
         conn: _Exchange | None = None
         try:
             async with asyncio.timeout(self.timeout):
-                conn = await self._connection()
+                conn = self._idle_connection() or await self._new_connection()
                 status = await conn.send(self._request(path, body))
         except (OSError, TimeoutError, ConnectionError) as exc:
             if conn is not None:

@@ -22,6 +22,7 @@ import logging
 import time
 from collections import deque
 from datetime import UTC, datetime
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 
 from hybrid_common.messages.poc_batches import BATCH_MODELS
 from hybrid_relay.guard import DoorGuard, Refusal
-from hybrid_relay.handoff import GroupHandoff
+from hybrid_relay.handoff import GroupHandoff, Reply
 from hybrid_relay.metrics import ACCEPT_SECONDS, ACCEPTED, ACCEPTED_ITEMS, DOOR_ANSWERS
 from hybrid_relay.routes import CallbackRoute, parse_route
 from hybrid_relay.windows import PocWindows
@@ -102,19 +103,34 @@ class CallbackDoor:
         self._accepted = {(g, k): ACCEPTED.labels(g, k) for g in ("v1", "v2") for k in ("generated", "validated")}
 
     def handle(
-        self, method: bytes, raw_path: str, headers: Headers, body: bytes, client: str | None, oversize: bool
-    ) -> tuple[int, str] | asyncio.Future[None]:
-        """(status, error) at once, or the hand-off's future for a valid batch (200 once it resolves)."""
+        self,
+        method: bytes,
+        raw_path: str,
+        headers: Headers,
+        body: bytes,
+        client: str | None,
+        oversize: bool,
+        reply: Reply,
+    ) -> tuple[int, str] | None:
+        """(status, error) at once; or None for a valid batch, handed off: ``reply(None)`` once its group is
+        confirmed (200), ``reply(error)`` if it cannot be (503)."""
         try:
-            return self._handle(method, raw_path, headers, body, client, oversize)
+            return self._handle(method, raw_path, headers, body, client, oversize, reply)
         except _Answer as answer:
             return answer.status, answer.error
         except Refusal as refusal:
             return refusal.status, {401: "Unauthorized", 403: "Forbidden"}.get(refusal.status, "Not Found")
 
     def _handle(
-        self, method: bytes, raw_path: str, headers: Headers, raw: bytes, client: str | None, oversize: bool
-    ) -> tuple[int, str] | asyncio.Future[None]:
+        self,
+        method: bytes,
+        raw_path: str,
+        headers: Headers,
+        raw: bytes,
+        client: str | None,
+        oversize: bool,
+        reply: Reply,
+    ) -> tuple[int, str] | None:
         path = self.guard.check(raw_path, client, headers)
         if method == b"GET" and path in ("/healthz", "/health"):
             return 200, ""
@@ -151,14 +167,16 @@ class CallbackDoor:
             "source_ip": client,
             "items": items,
         }
-        future = self.handoff.submit(payload, len(raw))
-        future.add_done_callback(lambda f: self._count_accepted(f, route, items))
-        return future
+        accepted = self._accepted[(route.generation, route.kind)]
 
-    def _count_accepted(self, future: asyncio.Future[None], route: CallbackRoute, items: int) -> None:
-        if not future.cancelled() and future.exception() is None:
-            self._accepted[(route.generation, route.kind)].inc()
-            ACCEPTED_ITEMS.inc(items)
+        def handed_off(error: BaseException | None) -> None:
+            if error is None:
+                accepted.inc()
+                ACCEPTED_ITEMS.inc(items)
+            reply(error)
+
+        self.handoff.submit(payload, len(raw), handed_off)
+        return None
 
     def _refuse_known(self, route: CallbackRoute, block_height: int) -> None:
         if not self.refuse_at_door:
@@ -294,29 +312,27 @@ class _Connection(asyncio.Protocol):
             except httptools.HttpParserInvalidURLError:
                 raw_path = b""
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        reply = partial(self._answered, slot, time.perf_counter())
         try:
             result = self.door.handle(
-                parser.get_method(), raw_path.decode("latin-1"), self.headers, body, self.client, self.oversize
+                parser.get_method(), raw_path.decode("latin-1"), self.headers, body, self.client, self.oversize, reply
             )
         except Exception:  # a bug must answer 500, not pass for a malformed request
             log.exception("door failed on %r", raw_path[:200])
             result = 500, "internal error"
-        if isinstance(result, tuple):
+        if result is not None:
             status, error = result
             _count(status)
             slot.data = _response(status, error, close=slot.close)
             self._flush()
-        else:
-            started = time.perf_counter()
-            result.add_done_callback(lambda f: self._answered(slot, f, started))
         if len(self.slots) >= _MAX_PIPELINED and self.reading and self.transport is not None:
             self.transport.pause_reading()
             self.reading = False
 
     # --- answers ------------------------------------------------------------------------------------------------
 
-    def _answered(self, slot: _Slot, future: asyncio.Future[None], started: float) -> None:
-        if future.cancelled() or future.exception() is not None:
+    def _answered(self, slot: _Slot, started: float, failure: BaseException | None) -> None:
+        if failure is not None:
             status, error = 503, "relay cannot queue the batch right now"
         else:
             status, error = 200, ""

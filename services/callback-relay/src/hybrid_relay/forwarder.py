@@ -48,7 +48,7 @@ from hybrid_relay.announcer import Announcer, Event
 from hybrid_relay.dapi import DapiCallbackClient
 from hybrid_relay.ledger import Claim, RelayLedger, Settlement
 from hybrid_relay.metrics import ATTEMPTS, FORWARD_LAG, FORWARDED_ITEMS, IN_FLIGHT, OUTCOMES
-from hybrid_relay.publishing import PipelinedPublisher
+from hybrid_relay.publishing import PipelinedPublisher, unbounded_frames
 from hybrid_relay.settings import RelaySettings
 from hybrid_relay.windows import PocWindows
 from hybrid_relay.wire import envelope_body, properties
@@ -167,6 +167,8 @@ class CallbackForwarder:
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         # No await before the lanes are chosen: aio-pika starts one task per delivery in arrival order, so the lanes
         # see each node's batches in queue order.
+        with contextlib.suppress(Exception):  # the channel as it is now (a reconnect opens a new one)
+            unbounded_frames(message.channel)
         try:
             envelope = orjson.loads(message.body)
             if envelope["type"] == "callback.forward_group":
@@ -238,7 +240,8 @@ class CallbackForwarder:
         cmd = job.cmd
         claim = await job.claim
         if claim.state == "done":
-            self._release(job)  # settled before a redelivery: ack, count nothing twice
+            if self._release(job):  # settled before a redelivery: ack, count nothing twice
+                IN_FLIGHT.dec()
             return
         if self.windows.closed(cmd.block_height, cmd.kind):
             self._settle(job, "dead:window_closed", attempts=0, status=None)
@@ -322,28 +325,41 @@ class CallbackForwarder:
 
     async def _announce_and_release(self, fresh: list[_Outcome], done: list[_Outcome]) -> None:
         events: list[Event] = []
+        outcomes: dict[str, int] = {}
+        forwarded_items = 0
         for o in fresh:  # else a redelivery of a batch settled before: nothing new to count or announce
-            self._count(OUTCOMES, o.outcome)
-            self.settled[o.outcome] = self.settled.get(o.outcome, 0) + 1
+            outcomes[o.outcome] = outcomes.get(o.outcome, 0) + 1
             cmd = o.job.cmd
+            items = _items(cmd)
+            if o.outcome == "forwarded":
+                forwarded_items += items
             correlation = f"poc:{cmd.block_height}"
             if self.settings.accepted_events:
-                events.append((*self._accepted(cmd), correlation))
-            events.append((*self._event(o, _items(cmd)), correlation))
+                events.append((*self._accepted(cmd, items), correlation))
+            events.append((*self._event(o), correlation))
+        # Counted once a round, not per batch (each metric update takes a lock).
+        for outcome, n in outcomes.items():
+            self._count(OUTCOMES, outcome, n)
+            self.settled[outcome] = self.settled.get(outcome, 0) + n
+        if forwarded_items:
+            FORWARDED_ITEMS.inc(forwarded_items)
         try:
             await self.announcer.publish_many(events)
         except Exception as exc:  # the outcomes are recorded in relay:stats either way
             log.warning("%d outcome events not published: %r", len(events), exc)
-        for o in done:
-            self._release(o.job)
+        released = sum(self._release(o.job) for o in done)
+        if released:
+            IN_FLIGHT.dec(released)
 
-    def _release(self, job: Job) -> None:
-        if self._active.pop(job.cmd.batch_id, None) is not None:
-            IN_FLIGHT.dec()
+    def _release(self, job: Job) -> bool:
+        """Ack the deliveries this settled batch held (once all of theirs are settled); True if it was in flight
+        (the caller counts it out of ``IN_FLIGHT``)."""
+        active = self._active.pop(job.cmd.batch_id, None) is not None
         for holder in job.holders:
             holder.remaining -= 1
             if holder.remaining == 0 and not holder.returned:
                 self._spawn(self._ack(holder))
+        return active
 
     def _abandon(self, jobs: list[Job]) -> None:
         """Give these batches back to the broker unsettled (their deliveries are redelivered whole)."""
@@ -368,7 +384,7 @@ class CallbackForwarder:
             log.info("ack of %s lost (%r); the redelivery will be recognised", delivery.message.message_id, exc)
 
     @staticmethod
-    def _accepted(cmd: ForwardCallback) -> tuple[str, dict[str, Any]]:
+    def _accepted(cmd: ForwardCallback, items: int) -> tuple[str, dict[str, Any]]:
         return "callback.accepted", {
             "batch_id": cmd.batch_id,
             "path": cmd.path,
@@ -376,14 +392,13 @@ class CallbackForwarder:
             "kind": cmd.kind,
             "node_id": cmd.node_id,
             "block_height": cmd.block_height,
-            "items": _items(cmd),
+            "items": items,
         }
 
-    def _event(self, o: _Outcome, items: int) -> tuple[str, dict[str, Any]]:
+    def _event(self, o: _Outcome) -> tuple[str, dict[str, Any]]:
         cmd = o.job.cmd
         if o.outcome == "forwarded":
             FORWARD_LAG.observe(o.lag)
-            FORWARDED_ITEMS.inc(items)
             return "callback.forwarded", {
                 "batch_id": cmd.batch_id,
                 "attempts": o.attempts,
@@ -437,11 +452,11 @@ class CallbackForwarder:
     def _count_attempt(self, result: str) -> None:
         self._count(ATTEMPTS, result)
 
-    def _count(self, metric: Counter, label: str) -> None:
+    def _count(self, metric: Counter, label: str, n: int = 1) -> None:
         child = self._children.get((id(metric), label))
         if child is None:  # prometheus_client's labels() takes a lock and builds a key per call
             child = self._children[(id(metric), label)] = metric.labels(label)
-        child.inc()
+        child.inc(n)
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)

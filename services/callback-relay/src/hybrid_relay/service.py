@@ -82,8 +82,12 @@ class RelayService:
             # ~20% more batches under a saturating load and the forwarder fell seconds behind (issue #11's lag
             # target); sharing it, the door's confirms wait a little behind the forwarder's traffic and the two stay
             # in step. RELAY_ROLE=door|forwarder splits them into processes when a machine has cores to spare.
+            # Its own channel, though: the broker handles a channel's publishes one after another, and the door's
+            # group would otherwise wait behind the forwarder's outcome events (two a batch) — issue #11's latency.
+            door_publisher = PipelinedPublisher(self.connection, self.topology)
+            await door_publisher.start()
             self.handoff = GroupHandoff(
-                self.publisher,
+                door_publisher,
                 max_batches=s.door_group_max_batches,
                 max_bytes=s.door_group_max_bytes,
                 max_in_flight=s.door_groups_in_flight,

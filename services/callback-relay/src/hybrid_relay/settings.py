@@ -22,7 +22,12 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class RelaySettings(CommonSettings):
     model_config = SettingsConfigDict(
-        env_prefix="RELAY_", env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+        env_prefix="RELAY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        env_ignore_empty=True,  # RELAY_X= (or compose's ${RELAY_X:-}) means unset: the default applies
     )
 
     role: Role = Field(default="all", description="door (public HTTP), forwarder, or both in one process")

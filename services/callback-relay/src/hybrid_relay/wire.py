@@ -135,10 +135,25 @@ def _shortstr(value: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
-@functools.lru_cache(maxsize=512)
-def _constant(value: str) -> bytes:
-    """A short string the relay sends again and again (exchange, type, content type, app id)."""
-    return _shortstr(value)
+@functools.lru_cache(maxsize=256)
+def _constant_properties(
+    content_type: str | None, delivery_mode: int | None, message_type: str | None, app_id: str | None
+) -> tuple[int, bytes, bytes]:
+    """(flags, encoded fields before the correlation id, encoded fields after the timestamp)."""
+    flags, before, after = 0, b"", b""
+    if content_type is not None:
+        flags |= _CONTENT_TYPE
+        before += _shortstr(content_type)
+    if delivery_mode is not None:
+        flags |= _DELIVERY_MODE
+        before += bytes((delivery_mode,))
+    if message_type is not None:
+        flags |= _TYPE
+        after += _shortstr(message_type)
+    if app_id is not None:
+        flags |= _APP_ID
+        after += _shortstr(app_id)
+    return flags, before, after
 
 
 @functools.lru_cache(maxsize=256)
@@ -175,14 +190,12 @@ def publish_frames(
         or props.cluster_id
     ):
         return _pamqp_frames(channel, exchange, routing_key, mandatory, props, body, max_content)
-    flags = 0
-    fields: list[bytes] = []
-    if props.content_type is not None:
-        flags |= _CONTENT_TYPE
-        fields.append(_constant(props.content_type))
-    if props.delivery_mode is not None:
-        flags |= _DELIVERY_MODE
-        fields.append(bytes((props.delivery_mode,)))
+    # The properties are written in flag order; those the relay sets to the same values again and again (content type
+    # and delivery mode before, type and app id after the per-message ones) come from a cache, ready encoded.
+    flags, before, after = _constant_properties(
+        props.content_type, props.delivery_mode, props.message_type, props.app_id
+    )
+    fields = [before]
     if props.correlation_id is not None:
         flags |= _CORRELATION_ID
         fields.append(_shortstr(props.correlation_id))
@@ -195,12 +208,7 @@ def publish_frames(
         if stamp.tzinfo is None:
             stamp = stamp.replace(tzinfo=UTC)  # as pamqp: a naive datetime is UTC
         fields.append(_TIMESTAMP.pack(int(stamp.timestamp())))  # whole seconds, as calendar.timegm gives them
-    if props.message_type is not None:
-        flags |= _TYPE
-        fields.append(_constant(props.message_type))
-    if props.app_id is not None:
-        flags |= _APP_ID
-        fields.append(_constant(props.app_id))
+    fields.append(after)
     header = _CONTENT.pack(60, 0, len(body), flags) + b"".join(fields)
     parts = [_method(channel, exchange, routing_key, mandatory), _HEAD.pack(_HEADER, channel, len(header)), header]
     if len(body) <= max_content:
