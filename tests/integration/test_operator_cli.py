@@ -204,8 +204,8 @@ async def test_commands_reach_the_queue_with_their_arguments(env: dict[str, str]
         (("pause",), "scheduler.pause", {}),
         (("resume",), "scheduler.resume", {}),
         (("rehearse", "--profile", "mlnode-v2"), "scheduler.rehearse", {"profile": "mlnode-v2"}),
-        (("tunnel", "close", "77"), "tunnel.close", {"instance_id": 77, "all": False}),
-        (("tunnel", "close-all"), "tunnel.close", {"all": True}),
+        (("tunnel", "close", "77", "--node-front"), "tunnel.close", {"instance_id": 77, "all": False}),
+        (("tunnel", "close-all", "--node-front"), "tunnel.close", {"all": True}),
     ]
     for args, kind, fields in cases:
         run = await cli(env, *args, "--json")
@@ -226,6 +226,11 @@ async def test_bad_arguments_exit_non_zero_naming_the_value(env: dict[str, str])
         (("destroy",), "--all-labelled"),
         (("release", "gpu-1", "--how", "shred"), "'shred'"),
         (("tunnel", "close", "x1"), "'x1'"),
+        (("provision", "mlnode-v1", "--epoch", "-1"), "-1 is below the minimum 0"),
+        (("offers", "mlnode-v1", "--limit", "0"), "0 is below the minimum 1"),
+        (("logs", "12", "--tail", "20000"), "20000 is above the maximum 10000"),
+        (("publish", "scheduler.confirmation_policy", '{"policy":"sometimes"}'), "policy='sometimes'"),
+        (("publish", "scheduler.confirmation_policy", "{bad"), "'{bad' is not JSON"),
     ]
     for args, named in cases:
         run = await cli(env, *args)
@@ -237,7 +242,7 @@ async def test_no_owner_is_named(env: dict[str, str], amqp_url: str) -> None:
     # Nothing bound: the command is unroutable and the CLI names the service that should own it.
     run = await cli(env, "reconcile")
     assert run.code == 1 and "provisioner" in run.err
-    run = await cli(env, "tunnel", "close-all")
+    run = await cli(env, "tunnel", "close-all", "--node-front")
     assert run.code == 1 and "proxy" in run.err
 
 
@@ -267,9 +272,9 @@ async def test_queries_answered_and_timed_out(env: dict[str, str], tap: Tap) -> 
     assert data["offers"][0]["offer_id"] == 11
     run = await cli(env, "logs", "42")
     assert run.code == 0 and run.out == "log of 42\nready\n"
-    run = await cli(env, "tunnel", "list")
+    run = await cli(env, "tunnel", "list", "--node-front")
     assert run.code == 0 and "ssh5:2222" in run.out
-    assert (await cli(env, "tunnel", "list", "--json")).json()[0]["instance_id"] == 5
+    assert (await cli(env, "tunnel", "list", "--node-front", "--json")).json()[0]["instance_id"] == 5
 
     tap.answers.clear()  # the owner is gone: the CLI waits, then names it
     run = await cli(env, "logs", "42", "--timeout", "1")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,6 +80,15 @@ class ManagedProcess:
     def output(self) -> str:
         self.log.flush()
         return Path(self.log.name).read_text(errors="replace")[-8000:]
+
+    def wait_for_output(self, text: str, timeout: float = 90.0) -> ManagedProcess:
+        """Until the child has logged ``text`` (a service's "up" line: its consumers are on their queues)."""
+        deadline = time.monotonic() + timeout
+        while text not in Path(self.log.name).read_text(errors="replace"):
+            if not self.alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not log {text!r} within {timeout}s:\n{self.output()}")
+            time.sleep(0.1)
+        return self
 
     def __enter__(self) -> ManagedProcess:
         return self.start()

@@ -8,6 +8,7 @@ import logging
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from hybrid_common.messages import REGISTRY, InvalidMessage
 from hybrid_common.settings import CommonSettings
@@ -52,8 +53,18 @@ def publish(
         names = ", ".join(t for t, m in REGISTRY.items() if m.KIND == "command")
         raise fail(f"unknown command type {message_type!r}; one of: {names}")
     try:
-        body = model.model_validate(json.loads(payload))
-    except (json.JSONDecodeError, ValueError) as exc:
+        data = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise fail(f"payload {payload!r} is not JSON: {exc}") from None
+    try:
+        body = model.model_validate(data)
+    except ValidationError as exc:
+        # Name each bad field and the value given: the message alone ("Input should be ...") hides what was sent.
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'payload'}={e.get('input')!r}: {e['msg']}" for e in exc.errors()
+        )
+        raise fail(f"invalid payload for {message_type!r}: {problems}") from None
+    except ValueError as exc:
         raise fail(f"invalid payload for {message_type!r}: {InvalidMessage(str(exc))}") from None
     from hybrid_common.bus import Publisher, Unroutable, connect
     from hybrid_common.topology import Topology

@@ -26,13 +26,13 @@ from hybrid_common.messages.commands import (
 )
 from hybrid_common.messages.domain import Purpose
 from hybridctl.broker import publish, settings
-from hybridctl.output import console, err, fail, print_json
+from hybridctl.output import bounded, console, err, fail, print_json
 
 PROFILE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="do not ask (MODE=live): you accept the estimated cost")]
 Minutes = Annotated[
-    float, typer.Option("--estimated-minutes", min=1, help="how long the GPUs run, for the cost estimate")
+    float, typer.Option("--estimated-minutes", callback=bounded(1), help="how long the GPUs run, for the cost estimate")
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
@@ -91,7 +91,9 @@ def _slots(raw: str) -> list[str]:
 def provision(
     profile: Annotated[str, typer.Argument(help="workload profile, e.g. mlnode-v1, mlnode-v2, comfyui")],
     slots: Annotated[str, typer.Option("--slots", help="comma-separated slot ids (the dapi node ids)")],
-    epoch: Annotated[int | None, typer.Option("--epoch", min=0, help="the epoch these GPUs serve")] = None,
+    epoch: Annotated[
+        int | None, typer.Option("--epoch", callback=bounded(0), help="the epoch these GPUs serve")
+    ] = None,
     purpose: Annotated[Purpose, typer.Option(help="why (poc, manual, rehearsal, ...)")] = Purpose.MANUAL,
     register: Annotated[bool, typer.Option(help="register the slots in the dapi once ready")] = True,
     yes: Yes = False,
@@ -118,7 +120,7 @@ def provision(
 def release(
     slot_ids: Annotated[list[str], typer.Argument(help="slot ids to take out of the dapi and destroy")],
     how: Annotated[str, typer.Option(help="delete | disable (in the dapi)")] = "delete",
-    epoch: Annotated[int | None, typer.Option("--epoch", min=0)] = None,
+    epoch: Annotated[int | None, typer.Option("--epoch", callback=bounded(0))] = None,
     as_json: AsJson = False,
 ) -> None:
     """Deregister slots and destroy their instances."""

@@ -1,7 +1,8 @@
 """`make run`: the whole system as local processes on the simulated world, until Ctrl-C.
 
 Starts the simulated world (Vast.ai, the network node + chain, the upstream provider) and the four services on the
-``demo`` time profile (an epoch in about two minutes), prints where each listens, and on Ctrl-C stops them in order:
+``demo`` time profile (an epoch in about two minutes; ``MODE=live``: ``real``, and an accelerated one is refused),
+prints where each listens, and on Ctrl-C stops them in order:
 the scheduler first (no new rentals), then the provisioner, then every labelled instance is destroyed through the
 provisioner's emergency path, then the rest; the Vast simulator's ledger is read last, so the operator sees that no
 instance was left running.
@@ -10,6 +11,9 @@ instance was left running.
 holds an instance (a release in progress finishes); a second Ctrl-C stops at once and prints what is still rented.
 
 ``HYBRID_RUN_FREE_PORTS=1`` puts every listener on a free port (tests run the same process set beside other work).
+Where everything listens is also written to ``<state>/operator.env`` (``KEY=value`` lines: the endpoints, the
+namespace, the instance SSH key), so ``hybridctl`` in another shell talks to this world:
+``set -a; . .run/operator.env; set +a``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ class Part:
     args: list[str]
     sim: bool = False
     listens: int | None = None
+    # A part that listens on no port is ready once it writes its heartbeat (``status:<service>:*`` in Redis): the
+    # provisioner writes it only after its command consumers are on the queue, so a command sent after the
+    # "Ctrl-C stops everything" line is never unroutable.
+    heartbeat: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -73,11 +81,27 @@ def _ssh_key(state: Path) -> Path:
     return key
 
 
+def time_profile(live: bool) -> str:
+    """``demo`` on the simulated world (an epoch in about two minutes), ``real`` with ``MODE=live``; an explicit
+    ``HYBRID_TIME_PROFILE`` wins, except that ``MODE=live`` refuses an accelerated one (the services would too)."""
+    chosen = os.environ.get("HYBRID_TIME_PROFILE") or ("real" if live else "demo")
+    if live and chosen != "real":
+        raise ValueError(
+            f"MODE=live runs on the real clock: HYBRID_TIME_PROFILE={chosen} would shrink every timeout and poll "
+            "against real, paid endpoints; unset it (or set it to real)"
+        )
+    acceleration = os.environ.get("HYBRID_ACCELERATION")
+    if live and acceleration and float(acceleration) != 1.0:
+        raise ValueError(f"MODE=live runs on the real clock: HYBRID_ACCELERATION={acceleration} is refused")
+    return chosen
+
+
 def plan(live: bool, state: Path, free_ports: bool = False) -> tuple[list[Part], dict[str, str]]:
+    profile = time_profile(live)
     p = _ports(free_ports)
     first_gateway = 15000 if not free_ports else 20000 + (os.getpid() % 200) * 100
     env = {
-        "HYBRID_TIME_PROFILE": os.environ.get("HYBRID_TIME_PROFILE", "demo"),
+        "HYBRID_TIME_PROFILE": profile,
         "PYTHONUNBUFFERED": "1",
         "LOG_JSON": os.environ.get("LOG_JSON", "false"),
         "SSH_KEY_PATH": str(_ssh_key(state)),
@@ -143,7 +167,7 @@ def plan(live: bool, state: Path, free_ports: bool = False) -> tuple[list[Part],
         ),
         Part("callback-relay", ["-m", "hybrid_relay"], listens=p["relay.public"]),
         Part("proxy", ["-m", "hybrid_proxy"], listens=p["proxy.node"]),
-        Part("provisioner", ["-m", "hybrid_provisioner"]),
+        Part("provisioner", ["-m", "hybrid_provisioner"], heartbeat="provisioner"),
         Part("scheduler", ["-m", "hybrid_scheduler"]),
     ]
     return [x for x in parts if not (x.sim and live)], env
@@ -173,6 +197,26 @@ def _wait_port(p: int, timeout: float = 30.0) -> bool:
     return False
 
 
+def _wait_heartbeat(env: dict[str, str], part: Part, timeout: float = 60.0) -> bool:
+    import redis
+
+    from hybrid_common.redis_keys import RedisKeys
+
+    pattern = RedisKeys(env.get("HYBRID_NAMESPACE", "")).status(part.heartbeat or "", "*")
+    started = time.time() - 1  # a killed earlier run's heartbeat (still within its TTL) does not count
+    deadline = time.monotonic() + timeout
+    with redis.Redis.from_url(env.get("REDIS_URL", "redis://127.0.0.1:6379/0"), socket_timeout=5) as r:
+        while time.monotonic() < deadline and part.proc is not None and part.proc.poll() is None:
+            try:
+                for key in r.scan_iter(match=pattern, count=1000):
+                    if float(json.loads(r.get(key) or b"{}").get("at", 0)) >= started:
+                        return True
+            except (redis.RedisError, ValueError, TypeError):
+                pass
+            time.sleep(0.2)
+    return False
+
+
 def ledger_live(vast_url: str) -> int | None:
     """Instances the Vast simulator still bills (``instances_live`` of its ledger)."""
     try:
@@ -186,7 +230,11 @@ def main() -> int:
     live = os.environ.get("MODE", "sim") == "live"
     state = Path(os.environ.get("HYBRID_RUN_STATE", REPO / ".run"))
     state.mkdir(parents=True, exist_ok=True)
-    parts, extra = plan(live, state, free_ports=os.environ.get("HYBRID_RUN_FREE_PORTS") == "1")
+    try:
+        parts, extra = plan(live, state, free_ports=os.environ.get("HYBRID_RUN_FREE_PORTS") == "1")
+    except ValueError as exc:
+        print(f"gonka-hybrid: {exc}", file=sys.stderr, flush=True)
+        return 2
     env = {**os.environ, **extra}
     print(
         f"gonka-hybrid: MODE={'live' if live else 'sim'}  time profile={env['HYBRID_TIME_PROFILE']}  "
@@ -211,12 +259,16 @@ def main() -> int:
         )
         if part.listens and not _wait_port(part.listens):
             print(f"  ! {part.name} did not listen on {part.listens}; see {logs}", flush=True)
+        if part.heartbeat and not _wait_heartbeat(env, part):
+            print(f"  ! {part.name} did not report ready within 60 s; see {logs}", flush=True)
         running.append(part)
         where = f"127.0.0.1:{part.listens}" if part.listens else ""
         print(f"  + {part.name:<15} pid {part.proc.pid:<7} {where}", flush=True)
     if not running:
         print("nothing to run yet")
         return 0
+    operator_env = _write_operator_env(state, env)
+    print(f"hybridctl settings for this world in {operator_env}", flush=True)
     print(f"logs in {logs}; watch with: .venv/bin/hybridctl status --watch; Ctrl-C stops everything", flush=True)
     stopping = {"count": 0}
 
@@ -233,6 +285,28 @@ def main() -> int:
         time.sleep(0.3)
     _shutdown(running, env, live, stopping)
     return 0
+
+
+OPERATOR_ENV = (
+    "MODE",
+    "HYBRID_NAMESPACE",
+    "HYBRID_TIME_PROFILE",
+    "VAST_URL",
+    "GONKA_ADMIN_API_URL",
+    "GONKA_PUBLIC_API_URL",
+    "DAPI_CALLBACK_URL",
+    "RELAY_PUBLIC_URL",
+    "SSH_KEY_PATH",
+)
+
+
+def _write_operator_env(state: Path, env: dict[str, str]) -> Path:
+    """What ``hybridctl`` needs to reach this world (no secrets, no broker or Redis credentials: the CLI takes
+    ``AMQP_URL`` / ``REDIS_URL`` from its own environment)."""
+    path = state / "operator.env"
+    lines = [f"{k}={env[k]}" for k in OPERATOR_ENV if env.get(k)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _stop(part: Part, timeout: float = 20.0) -> None:

@@ -288,12 +288,14 @@ def render(data: dict[str, Any]) -> Group:
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="refresh live until Ctrl-C")] = False,
-    interval: Annotated[float, typer.Option(min=0.2, help="seconds between refreshes with --watch")] = 2.0,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes with --watch (at least 0.2)")] = 2.0,
 ) -> None:
     """Chain, next PoC, plan, instances, spend, tunnels, relay counts, confirmation PoC and budget."""
     from redis.asyncio import Redis
     from redis.exceptions import RedisError
 
+    if not interval >= 0.2:  # checked here, not by typer's min=, so the error names the value given
+        raise fail(f"--interval {interval:g}: the refresh interval must be at least 0.2 seconds")
     s = settings()
     keys = RedisKeys(s.namespace)
 

@@ -27,6 +27,10 @@ class ComfyError(RuntimeError):
     """A job that did not produce its outputs; the message is meant for the operator."""
 
 
+class ComfyAuthError(ComfyError):
+    """The image's auth proxy refused us."""
+
+
 @dataclass
 class JobResult:
     prompt_id: str
@@ -53,9 +57,13 @@ class ComfyClient:
         await self.close()
 
     async def system_stats(self) -> dict[str, Any]:
-        async with self.session.get(f"{self.base}/system_stats") as r:
-            if r.status == 401:
-                raise ComfyError("ComfyUI refused the request: 401 (auth rejected — wrong WEB_PASSWORD/token?)")
+        # No redirects: ai-dock's proxy answers an unauthorised request with a 302 to its login page (comfyui.md).
+        async with self.session.get(f"{self.base}/system_stats", allow_redirects=False) as r:
+            if r.status == 401 or (r.status in (302, 303, 307) and "login" in r.headers.get("Location", "")):
+                raise ComfyAuthError(
+                    f"ComfyUI refused the request: {r.status} (auth rejected — wrong WEB_PASSWORD/token? the SSH "
+                    "tunnel reaches ComfyUI itself on 18188, which needs none)"
+                )
             if r.status != 200 or "json" not in r.headers.get("Content-Type", ""):
                 raise ComfyError(f"/system_stats answered {r.status} {r.headers.get('Content-Type')} (not ready)")
             data: dict[str, Any] = await r.json()
@@ -66,17 +74,31 @@ class ComfyClient:
             stats = await self.system_stats()
         except (TimeoutError, ComfyError, aiohttp.ClientError):
             return False
-        return any(d.get("type") == "cuda" for d in stats.get("devices", []))
+        return _has_cuda(stats)
 
-    async def wait_ready(self, deadline: float, on_wait: Callable[[float], None] | None = None) -> None:
+    async def wait_ready(self, within: float, on_wait: Callable[[float], None] | None = None) -> None:
+        """Until ``/system_stats`` answers JSON with a CUDA device (a log viewer answers 200 HTML while the image
+        provisions: comfyui.md). An auth refusal ends the wait at once; the deadline's error names the last answer."""
         start = time.monotonic()
-        while time.monotonic() < deadline:
-            if await self.ready():
-                return
+        last = "no answer"
+        while True:
+            try:
+                if _has_cuda(await self.system_stats()):
+                    return
+                last = "/system_stats lists no CUDA device"
+            except ComfyAuthError:
+                raise
+            except ComfyError as exc:
+                last = str(exc)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                last = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            if time.monotonic() - start > within:
+                raise ComfyError(
+                    f"ComfyUI did not answer /system_stats with a CUDA device within {within:.0f} s: {last}"
+                )
             if on_wait:
                 on_wait(time.monotonic() - start)
             await asyncio.sleep(0.5)
-        raise ComfyError("ComfyUI did not answer /system_stats with a CUDA device before the deadline")
 
     async def upload(self, path: Path) -> str:
         if not path.is_file():
@@ -158,6 +180,11 @@ class ComfyClient:
         except TimeoutError:
             await self.interrupt(prompt_id)
             raise ComfyError(f"job {prompt_id} passed its {deadline_s:.0f} s deadline; interrupted") from None
+        except asyncio.CancelledError:
+            # Ctrl-C: stop the job on the GPU too, or it keeps the queue busy for whoever comes next.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.interrupt(prompt_id), 5)
+            raise
         finally:
             if ws is not None:
                 await ws.close()
@@ -241,6 +268,10 @@ class ComfyClient:
                         f"job {prompt_id} vanished: not in /history nor /queue — the ComfyUI server restarted "
                         "mid-job and lost it; submit again"
                     )
+
+
+def _has_cuda(stats: dict[str, Any]) -> bool:
+    return any(d.get("type") == "cuda" for d in stats.get("devices", []))
 
 
 def _execution_error(status: dict[str, Any]) -> str:

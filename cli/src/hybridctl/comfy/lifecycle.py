@@ -1,8 +1,9 @@
 """Renting and releasing a ComfyUI instance through the provisioner (the one owner of Vast.ai).
 
-``create`` publishes a ``provision`` of the ``comfyui`` profile for a slot of its own (no dapi registration) and
-follows the provisioner's events on a private, auto-deleted queue until ``instance.ready`` (or a final failure);
-``instance.reachable`` carries the SSH details the local tunnel needs.
+``create`` publishes a ``provision`` of the ``comfyui`` profile (or the config's ``profile``) for a slot of its own (no
+dapi registration) and follows the provisioner's events on a private, auto-deleted queue until ``instance.ready`` (or a
+final failure); ``instance.reachable`` carries the SSH details the local tunnel needs. ``release`` publishes a
+``release`` of the slot and waits for the provisioner's ``job.completed`` (every instance of the slot destroyed).
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ from typing import Any
 
 import yaml
 
-from hybrid_common.bus import Publisher, connect
 from hybrid_common.messages import parse
 from hybrid_common.messages.commands import Provision, Release
 from hybrid_common.messages.domain import OfferFilter, Purpose
-from hybrid_common.messages.events import InstanceFailed, InstanceReachable, InstanceReady, JobFailed
+from hybrid_common.messages.events import (
+    InstanceFailed,
+    InstanceReachable,
+    InstanceReady,
+    JobCompleted,
+    JobFailed,
+)
 from hybrid_common.settings import CommonSettings
 from hybrid_common.topology import Topology
+
+# hybrid_common.bus (aio-pika, redis) is imported where used: every hybridctl invocation imports this module, and most
+# never touch the broker (see hybridctl.broker).
 
 
 class ComfyCreateError(RuntimeError):
@@ -36,6 +45,8 @@ class ComfyConfig:
     image: str | None
     env: dict[str, str]
     ssh_key: str | None
+    profile: str = "comfyui"
+    disk_gb: float | None = None
 
     @classmethod
     def load(cls, path: Path) -> ComfyConfig:
@@ -57,6 +68,7 @@ class ComfyConfig:
             "env",
             "ssh_key",
             "disk_gb",
+            "profile",
         }
         unknown = set(raw) - known
         if unknown:
@@ -72,7 +84,24 @@ class ComfyConfig:
         except ValueError as exc:
             raise ComfyCreateError(f"config {str(path)!r}: {exc}") from None
         env = {str(k): str(v) for k, v in (raw.get("env") or {}).items()}
-        return cls(offer, raw.get("image"), env, raw.get("ssh_key"))
+        profile = str(raw.get("profile") or "comfyui")
+        disk = raw.get("disk_gb")
+        if disk is not None and (isinstance(disk, bool) or not isinstance(disk, int | float) or disk < 8):
+            raise ComfyCreateError(f"config {str(path)!r}: disk_gb={disk!r} must be a number of GB, at least 8")
+        return cls(offer, raw.get("image"), env, raw.get("ssh_key"), profile, float(disk) if disk is not None else None)
+
+
+@dataclass
+class Rental:
+    """What the command knows of its slot's rental, so that a failure or Ctrl-C releases exactly what is needed."""
+
+    slot_id: str
+    requested: bool = False  # the provision went out: the provisioner may be renting for the slot
+    ended: bool = False  # the provisioner reported the job failed: it destroyed what it had, nothing to release
+
+    @property
+    def needs_release(self) -> bool:
+        return self.requested and not self.ended
 
 
 @dataclass
@@ -88,11 +117,14 @@ class CreatedInstance:
 async def create(
     settings: CommonSettings,
     config: ComfyConfig,
-    slot_id: str,
+    rental: Rental,
     *,
     timeout: float,
     on_event: Callable[[str], None] | None = None,
 ) -> CreatedInstance:
+    from hybrid_common.bus import Publisher, connect
+
+    slot_id = rental.slot_id
     topology = Topology(settings.namespace)
     conn = await connect(settings.amqp_url, name="hybridctl-comfy", timeout=10)
     started = time.monotonic()
@@ -115,19 +147,20 @@ async def create(
 
         await queue.consume(on_message)
         publisher = Publisher(conn, topology, "hybridctl", deadline=10)
-        await publisher.publish(
-            Provision(
-                idempotency_key=f"comfy-{slot_id}-{uuid.uuid4().hex[:8]}",
-                profile="comfyui",
-                slot_ids=[slot_id],
-                purpose=Purpose.COMFYUI,
-                register_node=False,
-                hedge=False,
-                offer_filter=config.offer_filter,
-                image=config.image,
-                env=config.env,
-            )
+        provision = Provision(
+            idempotency_key=f"comfy-{slot_id}-{uuid.uuid4().hex[:8]}",
+            profile=config.profile,
+            slot_ids=[slot_id],
+            purpose=Purpose.COMFYUI,
+            register_node=False,
+            hedge=False,
+            offer_filter=config.offer_filter,
+            image=config.image,
+            disk_gb=config.disk_gb,
+            env=config.env,
         )
+        rental.requested = True  # before the publish: a Ctrl-C during it may still have reached the broker
+        await publisher.publish(provision)
         reachable: InstanceReachable | None = None
         deadline = started + timeout
         while True:
@@ -145,8 +178,9 @@ async def create(
             elif isinstance(ev, InstanceReady):
                 if reachable is None or not reachable.ssh_host or not reachable.ssh_port:
                     raise ComfyCreateError(
-                        f"instance {ev.instance_id} is ready but offers no SSH (runtype without SSH?): no tunnel "
-                        "possible; the comfyui profile needs an ssh runtype"
+                        f"SSH unavailable on instance {ev.instance_id}: it offers no SSH — an 'args' runtype keeps the "
+                        "image's entrypoint without an SSH daemon, so no tunnel is possible; the comfyui profile needs "
+                        "an ssh runtype"
                     )
                 return CreatedInstance(
                     slot_id,
@@ -156,16 +190,40 @@ async def create(
                     ev.gpu_name,
                     time.monotonic() - started,
                 )
-            elif isinstance(ev, JobFailed) or (isinstance(ev, InstanceFailed) and not ev.will_retry):
-                raise ComfyCreateError(f"renting ComfyUI for {slot_id} failed: {ev.cause}: {ev.message}")
+            elif isinstance(ev, JobFailed):
+                rental.ended = True
+                raise ComfyCreateError(f"renting ComfyUI for {slot_id} failed: {ev.cause.value}: {ev.message}")
+            elif isinstance(ev, InstanceFailed) and not ev.will_retry:
+                raise ComfyCreateError(f"renting ComfyUI for {slot_id} failed: {ev.cause.value}: {ev.message}")
     finally:
         await conn.close()
 
 
-async def release(settings: CommonSettings, slot_id: str) -> None:
+async def release(settings: CommonSettings, slot_id: str, *, confirm_within: float = 60.0) -> bool:
+    """Release the slot; True once the provisioner reports its job over (its instances destroyed) in time."""
+    from hybrid_common.bus import Publisher, connect
+
+    topology = Topology(settings.namespace)
     conn = await connect(settings.amqp_url, name="hybridctl-comfy", timeout=10)
     try:
-        await Publisher(conn, Topology(settings.namespace), "hybridctl", deadline=10).publish(
+        channel = await conn.channel()
+        await topology.declare_exchanges(channel)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in ("job.completed", "job.failed"):
+            await queue.bind(topology.events, routing_key=key)
+        over = asyncio.Event()
+
+        async def on_message(message: Any) -> None:
+            async with message.process():
+                try:
+                    payload = parse(message.body).payload
+                except ValueError:
+                    return
+                if isinstance(payload, JobCompleted | JobFailed) and payload.slot_id == slot_id:
+                    over.set()
+
+        await queue.consume(on_message)
+        await Publisher(conn, topology, "hybridctl", deadline=10).publish(
             Release(
                 idempotency_key=f"comfy-release-{slot_id}-{uuid.uuid4().hex[:8]}",
                 slot_ids=[slot_id],
@@ -173,5 +231,10 @@ async def release(settings: CommonSettings, slot_id: str) -> None:
                 reason="comfy destroy",
             )
         )
+        try:
+            await asyncio.wait_for(over.wait(), confirm_within)
+        except TimeoutError:
+            return False
+        return True
     finally:
         await conn.close()
