@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from hybrid_common import TEST
+from hybrid_common.messages.domain import OfferFilter
 from hybrid_provisioner.offers import find_offers
 from hybrid_provisioner.profiles import OfferPolicy, load_profiles
 from hybrid_provisioner.settings import ProvisionerSettings
@@ -111,6 +112,10 @@ async def test_offer_policy_filters_and_sorts_cheapest_adequate_first() -> None:
             assert o.raw["verified"] and not o.raw["external"] and o.raw["rentable"] and (o.cuda or 0) >= 12.0
         excluded = profile.policy.narrowed(None, [offers[0].machine_id])
         assert offers[0].machine_id not in {o.machine_id for o in await find_offers(client, profile, excluded)}
+        fast = profile.policy.narrowed(OfferFilter(min_inet_down_mbps=2000), [])
+        fast_offers = await find_offers(client, profile, fast)
+        assert fast_offers and all(o.inet_down >= 2000 for o in fast_offers)
+        assert len(fast_offers) < len(offers), "the bandwidth floor from a command narrows the search"
         picky = profile.policy.model_copy(update={"gpu_names": ["H100 SXM"], "max_dph": 100.0})
         assert {o.gpu_name for o in await find_offers(client, profile, picky)} == {"H100 SXM"}
         none = OfferPolicy(min_vram_gb=10_000)

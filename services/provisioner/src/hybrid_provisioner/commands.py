@@ -134,6 +134,7 @@ class CommandHandlers:
                 start_stopped=cmd.start_stopped,
                 offer_filter=cmd.offer_filter,
                 image=cmd.image,
+                disk_gb=cmd.disk_gb,
                 env=dict(cmd.env),
                 correlation_id=correlation,
                 causation_id=str(env.id),
@@ -189,7 +190,9 @@ class CommandHandlers:
                 await self.dapi.delete(slot)
         except DapiRejected as exc:
             log.warning("the dapi refused to %s %s: %s", how, slot, exc)
-        await self.store.set_slot(slot, node="")
+        await self.store.set_slot(slot, node="disabled" if how == "disable" else "")
+        # The slot's job ended earlier (it kept the pair while the node was registered): the pair is free now.
+        await self.store.free_gateway_ports(slot)
         await self.publisher.publish(NodeDeregistered(slot_id=slot, node_id=slot, how=how))
 
     # ---- start, destroy, reconcile

@@ -80,6 +80,8 @@ class OfferPolicy(BaseModel):
                 update["max_dph"] = override.max_dph
             if override.min_reliability is not None:
                 update["min_reliability"] = override.min_reliability
+            if override.min_inet_down_mbps is not None:
+                update["min_inet_down_mbps"] = override.min_inet_down_mbps
             update["exclude_machine_ids"] = sorted({*update["exclude_machine_ids"], *override.exclude_machine_ids})
         return self.model_copy(update=update)
 

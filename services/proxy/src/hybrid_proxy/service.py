@@ -2,8 +2,9 @@
 
 Order matters for a 24/7 inference path: the node starts first and serves even while RabbitMQ or Redis are down
 (the bus is connected in the background with retries; the Redis view is best effort). The node front — rented GPU
-gateways, fed by events — starts once the bus is up. ``NodeFront`` is imported lazily: until its module exists the
-service runs without it and says so.
+gateways, fed by events — starts once the bus is up. ``NodeFront`` is imported at start, before the node serves (the
+import takes about a second of CPU, which must not stall the node's answers), and only if its module exists: without
+it the service runs the inference node alone and says so.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ProxyService:
         self._unpublished: list[Event] = []
         self.publisher: Publisher | None = None
         self.front: Front | None = None
+        self._front_class: Any = None
         self.front_state = "not started"
         self.instance = f"{socket.gethostname()}-{os.getpid()}"
         self._tasks: list[asyncio.Task[None]] = []
@@ -68,6 +70,10 @@ class ProxyService:
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # The front's module (asyncssh, cryptography, ...) takes about a second of CPU to import. Imported on the
+        # running loop once the node is registered, it stalls the node's answers; the dapi's state poll then times
+        # out and marks the node FAILED (gonka-protocol.md §9). So it is imported before the node serves.
+        self._front_class = self._load_front()
         await self.node.start()
         await self._serve_status()
         self._tasks.append(asyncio.create_task(self._bus(), name="proxy-bus"))
@@ -150,13 +156,17 @@ class ProxyService:
             log.exception("declaring the proxy's queues failed")
         await self._start_front(self.connection)
 
-    async def _start_front(self, connection: AbstractRobustConnection) -> None:
+    def _load_front(self) -> Any:
         try:
-            module = importlib.import_module("hybrid_proxy.front")
-            front_class = module.NodeFront
+            return importlib.import_module("hybrid_proxy.front").NodeFront
         except (ImportError, AttributeError) as exc:
             self.front_state = f"not available ({exc})"
             log.info("node front not available yet (%s): serving the inference node only", exc)
+            return None
+
+    async def _start_front(self, connection: AbstractRobustConnection) -> None:
+        front_class = self._front_class
+        if front_class is None:
             return
         try:
             front: Front = front_class(self.settings, self.redis, connection, self.topology)

@@ -722,6 +722,7 @@ class VastWorld:
                     "num_gpus": inst.offer.num_gpus,
                     "image": inst.image,
                     "runtype": inst.runtype,
+                    "disk": inst.disk,  # GB allocated: what storage_dph bills
                     "is_bid": inst.bid_price is not None,
                     "created_at": inst.created_at,
                     "destroyed_at": inst.destroyed_at,

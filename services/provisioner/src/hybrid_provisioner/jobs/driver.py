@@ -120,7 +120,11 @@ class JobDriver:
 
     @property
     def profile(self) -> WorkloadProfile:
-        return self.d.profiles[self.job.profile]
+        profile = self.d.profiles[self.job.profile]
+        if self.job.disk_gb is not None:
+            # The command's disk applies to the offer search (disk_space) and the create body alike.
+            profile = profile.model_copy(update={"disk_gb": self.job.disk_gb})
+        return profile
 
     async def deadline(self) -> float | None:
         if self.job.deadline is not None:
@@ -541,6 +545,16 @@ class JobDriver:
             track.last_status = sig
             track.status_changed_at = now
         expect_stopped = self.job.start_stopped and self.job.start_requested_at is None
+        if (
+            self.job.start_requested_at is not None
+            and track.state == TrackState.LOADING
+            and inst.get("actual_status") in ("exited", "stopped")
+            and now - (track.boot_started_at or now) < self.s.stall_timeout
+        ):
+            # A standby we just started: the listing can predate the start PUT, and the container reads exited until
+            # it is loading again (vastai-api.md: null -> loading -> running). Not a failure yet; the stall and boot
+            # timeouts still bound a start that never takes.
+            return True
         bad = failure(inst, expect_stopped=expect_stopped)
         if bad is not None:
             await self.track_failed(track, bad[0], bad[1])
@@ -607,8 +621,10 @@ class JobDriver:
             return
         track.public_ip = addr.public_ip
         track.ports = addr.ports
-        track.ssh_host = addr.ssh_host
-        track.ssh_port = addr.ssh_port
+        # vastai-api.md: an args runtype runs the image's entrypoint with no SSH daemon, yet the API still lists the
+        # SSH proxy's host and port. Reporting them would send a tunnel client into a connection that never answers.
+        track.ssh_host = addr.ssh_host if profile.gives_ssh else None
+        track.ssh_port = addr.ssh_port if profile.gives_ssh else None
         track.connectivity = connectivity
         track.state = TrackState.REACHABLE
         rt.reachable_at = self.now()
@@ -1067,5 +1083,7 @@ class JobDriver:
                 delay = min(delay * 2, 10.0)
         job.deregistered = True
         self.emit(NodeDeregistered(slot_id=job.slot_id, node_id=job.slot_id, how=how))
-        await self.d.store.set_slot(job.slot_id, node="")
+        # A disabled node stays in the dapi with its host and ports (unique per host, gonka-protocol.md §3): the
+        # slot keeps its gateway pair; a deleted one frees it when the job ends (JobStore.free_slot).
+        await self.d.store.set_slot(job.slot_id, node="disabled" if how == "disable" else "")
         await self.commit()

@@ -136,6 +136,7 @@ class Job(BaseModel):
     start_stopped: bool = False
     offer_filter: OfferFilter | None = None
     image: str | None = None
+    disk_gb: float | None = None
     env: dict[str, str] = Field(default_factory=dict)
     correlation_id: str | None = None
     causation_id: str | None = None

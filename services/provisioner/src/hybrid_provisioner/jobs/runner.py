@@ -14,6 +14,7 @@ import random
 import time
 
 from hybrid_common.lease import Lease
+from hybrid_provisioner.dapi import DapiError, DapiRejected
 from hybrid_provisioner.jobs.deps import Deps
 from hybrid_provisioner.jobs.driver import JobDriver, LeaseLost
 from hybrid_provisioner.jobs.store import lease_role
@@ -74,7 +75,26 @@ class JobRunner:
         if time.monotonic() - self._last_forget > FORGET_EVERY:
             self._last_forget = time.monotonic()
             await self.d.store.forget_old()
+            await self.sweep_gateway_ports()
         return more
+
+    async def sweep_gateway_ports(self) -> list[str]:
+        """Return to the pool gateway pairs no job and no dapi node holds (at start, then every FORGET_EVERY)."""
+        try:
+            nodes = await self.d.dapi.nodes()
+        except (DapiError, DapiRejected) as exc:
+            log.info("gateway sweep skipped: the dapi node list is unavailable (%s)", exc)
+            return []
+        host = self.d.settings.node_front_host
+        in_use: set[int] = set()
+        for entry in nodes:
+            node = entry.get("node") or {}
+            if node.get("host") == host:
+                in_use.update(p for p in (node.get("poc_port"), node.get("inference_port")) if isinstance(p, int))
+        freed = await self.d.store.sweep_gateway_ports(in_use)
+        if freed:
+            log.info("gateway sweep: %d idle slot(s) returned their pairs: %s", len(freed), ", ".join(sorted(freed)))
+        return freed
 
     async def _drive(self, job_id: str, lease: Lease) -> None:
         task = asyncio.current_task()

@@ -5,13 +5,19 @@
   state its successor drives.
 - ``slot:<slot_id>``: hash — ``job`` (the one live job allowed to rent for the slot), ``instance``, ``state``,
   ``release`` / ``start`` (requests from commands, read by the job's driver), ``seq:<epoch>`` (label counter).
-- ``gateway:ports``: hash slot_id → "poc_port,inference_port", allocated once per slot and kept (the dapi node of a
-  slot keeps its host and ports across GPUs: gonka-protocol.md §3, an upsert keeps ``node_num``).
+- ``gateway:ports``: hash slot_id → "poc_port,inference_port" from ``GATEWAY_PORT_FIRST..LAST``. A slot keeps its
+  pair for as long as a job holds the slot or the dapi still has the slot's node (a replaced GPU is upserted under
+  the same id, host and ports: gonka-protocol.md §3, an upsert keeps ``node_num``; and the dapi refuses two nodes on
+  one host+port, so a *disabled* node keeps its pair too). When the slot's last job ends with the node deleted or
+  never registered, the pair goes back to the pool in the same script that drops the claim; the proxy's node front
+  closes its listeners when the entry disappears. Every epoch makes new slot ids: without this a fixed range runs
+  out within a few epochs. Allocation and freeing are Lua scripts, so replicas never hand one pair out twice.
 - ``idempotency:<key>``: a provision or release already applied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from typing import Any
@@ -42,14 +48,44 @@ end
 return 0
 """
 
-_RELEASE_SLOT = """
+# A slot's pair is free once no job claims the slot and the dapi has no node on it (node field: "registered" after an
+# upsert, "disabled" after an admin disable, "" after a delete or before any registration).
+_PAIR_IDLE = """
+local function pair_idle(slot_key)
+  if redis.call('HGET', slot_key, 'job') then return false end
+  local node = redis.call('HGET', slot_key, 'node')
+  return node ~= 'registered' and node ~= 'disabled'
+end
+"""
+
+# KEYS: slot:<id>, gateway:ports; ARGV: job_id, state, slot_id. Drops the job's claim, then frees the slot's gateway
+# pair if nobody else holds the slot (a job of the next epoch may already wait for it: then the pair stays with it).
+_RELEASE_SLOT = (
+    _PAIR_IDLE
+    + """
+local released = 0
 if redis.call('HGET', KEYS[1], 'job') == ARGV[1] then
   redis.call('HDEL', KEYS[1], 'job', 'instance')
   redis.call('HSET', KEYS[1], 'state', ARGV[2])
-  return 1
+  released = 1
 end
-return 0
+if pair_idle(KEYS[1]) then redis.call('HDEL', KEYS[2], ARGV[3]) end
+return released
 """
+)
+
+# KEYS: slot:<id>, gateway:ports; ARGV: slot_id, the pair the caller saw (or ''). Frees an idle slot's pair.
+_FREE_PAIR = (
+    _PAIR_IDLE
+    + """
+local cur = redis.call('HGET', KEYS[2], ARGV[1])
+if not cur then return 0 end
+if ARGV[2] ~= '' and cur ~= ARGV[2] then return 0 end
+if not pair_idle(KEYS[1]) then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+)
 
 _ALLOCATE_PAIR = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -74,6 +110,11 @@ return false
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _pair(raw: bytes | str) -> tuple[int, int]:
+    poc, inference = (int(p) for p in _text(raw).split(","))
+    return poc, inference
 
 
 def job_id_for(idempotency_key: str, slot_id: str) -> str:
@@ -156,7 +197,10 @@ class JobStore:
         return raw.decode() if isinstance(raw, bytes) else raw
 
     async def free_slot(self, slot_id: str, job_id: str, state: str) -> None:
-        await self.redis.eval(_RELEASE_SLOT, 1, self.keys.slot(slot_id), job_id, state)
+        """The job ends: drop its claim on the slot and, if the slot is now idle, return its gateway pair."""
+        await self.redis.eval(
+            _RELEASE_SLOT, 2, self.keys.slot(slot_id), self.keys.gateway_ports(), job_id, state, slot_id
+        )
 
     async def set_slot(self, slot_id: str, **fields: Any) -> None:
         mapping: dict[str | bytes, str | bytes] = {
@@ -188,13 +232,36 @@ class JobStore:
     # ---- gateway ports
 
     async def gateway_ports(self, slot_id: str, first: int, last: int) -> tuple[int, int] | None:
-        """The slot's gateway port pair, allocated on first use and stable for the slot's life."""
+        """The slot's gateway port pair: the one it holds, else the lowest free pair of ``first..last`` (None: none)."""
         raw = await self.redis.eval(_ALLOCATE_PAIR, 1, self.keys.gateway_ports(), slot_id, first, last)
         if not raw:
             return None
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        poc, inference = (int(p) for p in text.split(","))
-        return poc, inference
+        return _pair(raw)
+
+    async def gateway_table(self) -> dict[str, tuple[int, int]]:
+        table: dict[str, tuple[int, int]] = {}
+        for slot, raw in (await self.redis.hgetall(self.keys.gateway_ports())).items():
+            with contextlib.suppress(ValueError):
+                table[_text(slot)] = _pair(raw)
+        return table
+
+    async def free_gateway_ports(self, slot_id: str, seen: tuple[int, int] | None = None) -> bool:
+        """Return ``slot_id``'s pair to the pool if no job holds the slot and the dapi has no node on it (its node
+        field says so); with ``seen``, only if the slot still holds that pair. True when freed."""
+        expected = f"{seen[0]},{seen[1]}" if seen else ""
+        ok = await self.redis.eval(_FREE_PAIR, 2, self.keys.slot(slot_id), self.keys.gateway_ports(), slot_id, expected)
+        return bool(ok)
+
+    async def sweep_gateway_ports(self, in_use: set[int]) -> list[str]:
+        """Free the pairs of idle slots whose ports no dapi node uses (``in_use``): pairs left by a crash between two
+        writes or by an older version that never freed them. Returns the slots freed."""
+        freed = []
+        for slot_id, pair in (await self.gateway_table()).items():
+            if in_use.intersection(pair):
+                continue
+            if await self.free_gateway_ports(slot_id, pair):
+                freed.append(slot_id)
+        return freed
 
     # ---- instance views (CLI status)
 

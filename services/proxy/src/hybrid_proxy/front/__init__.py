@@ -8,7 +8,9 @@ ports, and the front forwards them to wherever the slot's GPU is now:
 - **Gateway listeners.** Per slot a pair (PoC/API port → container 8080, inference port → container 5000) on the
   ports the provisioner allocated (Redis ``gateway:ports``; also carried by ``instance.reachable``). They stay open for
   the slot's life: a replaced GPU is the same slot, same ports, so the dapi's node id and ``node_num`` stay
-  (gonka-protocol.md §3). While no GPU answers, they answer ``503`` with a JSON reason at once — never a hang.
+  (gonka-protocol.md §3). While no GPU answers, they answer ``503`` with a JSON reason at once — never a hang. When the
+  provisioner returns the pair to the pool (the slot's last job ended, its node deleted) the next scan closes them; a
+  pair already handed to a new slot is taken from the old one at once.
 - **Routes** come from ``instance.reachable`` / ``instance.destroyed`` / ``instance.failed`` (queue ``proxy.front``).
   Direct: ``public_ip`` (stripped) + the mapped host port (vastai-api.md: never ``ssh_host`` for HTTP). Tunnel: an
   asyncssh local forward over ``ssh_host:ssh_port`` as ``root`` with ``SSH_KEY_PATH``. A direct route whose address

@@ -263,10 +263,26 @@ class NodeFront:
             )
             self.gateways[slot_id] = gateway
         if not gateway.listening:
+            await self._evict_stale_holders(route.slot_id, wanted)
             await gateway.start()
             if gateway.error:
                 log.error("slot %s: %s", route.slot_id, gateway.error)
         route.listen_error = gateway.error
+
+    async def _evict_stale_holders(self, slot_id: str, ports: tuple[int, int]) -> None:
+        """Close another slot's listeners on ``ports`` when the provisioner has since given them to ``slot_id``.
+
+        A slot's pair returns to the pool when its last job ends and can be handed to a new slot before our next
+        scan drops the old one; the new slot must not be left unable to listen. A slot the table still lists on
+        those ports is a real conflict: left alone, it shows as a listen error."""
+        for other, gateway in list(self.gateways.items()):
+            if other == slot_id or not set(gateway.ports) & set(ports):
+                continue
+            raw = await self.redis.hget(self.keys.gateway_ports(), other)
+            if raw is not None and _parse_pair(raw) == gateway.ports:
+                continue
+            log.info("slot %s: its ports %s/%s now belong to slot %s", other, *gateway.ports, slot_id)
+            await self._drop_slot(other)
 
     def _resolve(self, slot_id: str, kind: PortKind) -> Upstream | str:
         route = self.routes.get(slot_id)
@@ -292,45 +308,49 @@ class NodeFront:
         return Upstream("127.0.0.1", local, route.instance_id, rewrite)
 
     async def _scan_port_table(self) -> None:
-        """Open listeners for every slot the provisioner allocated ports to, GPU or not (answering 503 until one)."""
+        """Open listeners for every slot the provisioner allocated ports to, GPU or not (answering 503 until one),
+        and close those of slots whose pair the provisioner returned to the pool."""
         self._last_scan = time.monotonic()
-        table = await self.redis.hgetall(self.keys.gateway_ports())
-        listed: set[str] = set()
-        for raw_slot, raw_ports in table.items():
+        table: dict[str, tuple[int, int]] = {}
+        for raw_slot, raw_ports in (await self.redis.hgetall(self.keys.gateway_ports())).items():
             slot_id = raw_slot.decode() if isinstance(raw_slot, bytes) else str(raw_slot)
-            text = raw_ports.decode() if isinstance(raw_ports, bytes) else str(raw_ports)
             try:
-                poc, inference = (int(x) for x in text.split(","))
+                table[slot_id] = _parse_pair(raw_ports)
             except ValueError:
-                log.error("gateway:ports[%s] = %r is not 'poc_port,inference_port'", slot_id, text)
-                continue
-            listed.add(slot_id)
-            route = self.routes.get(slot_id)
-            if route is None:
-                route = Route(
+                log.error("gateway:ports[%s] = %r is not 'poc_port,inference_port'", slot_id, raw_ports)
+        # A slot whose ports the provisioner released and that has no GPU is over: free its ports (first, so a pair
+        # handed on to a new slot is free to listen on below).
+        for slot_id, route in list(self.routes.items()):
+            if route.from_port_table and slot_id not in table and route.instance_id is None:
+                await self._drop_slot(slot_id)
+        for slot_id, (poc, inference) in table.items():
+            known = self.routes.get(slot_id)
+            if known is None:
+                fresh = Route(
                     slot_id=slot_id,
                     gateway_poc_port=poc,
                     gateway_inference_port=inference,
                     host=self._reach_host,
                     from_port_table=True,
                 )
-                self.routes[slot_id] = route
-                await self._ensure_gateway(route)
-                await self._save_route(route)
-            elif not route.from_port_table:
-                route.from_port_table = True
-                await self._save_route(route)
-        # A slot whose ports the provisioner released and that has no GPU is over: free its ports.
-        for slot_id, route in list(self.routes.items()):
-            if route.from_port_table and slot_id not in listed and route.instance_id is None:
-                await self._drop_slot(slot_id)
+                self.routes[slot_id] = fresh
+                await self._ensure_gateway(fresh)
+                await self._save_route(fresh)
+            elif not known.from_port_table:
+                known.from_port_table = True
+                await self._save_route(known)
 
     async def _drop_slot(self, slot_id: str) -> None:
-        self.routes.pop(slot_id, None)
+        route = self.routes.pop(slot_id, None)
         gateway = self.gateways.pop(slot_id, None)
         if gateway is not None:
             await gateway.close()
+        if route is not None and route.instance_id is not None:
+            await self._close_tunnel(route.instance_id, f"slot {slot_id} released")
+        for per_slot in (self._failing_since, self._fallback_due, self._fallback_tries):
+            per_slot.pop(slot_id, None)
         await self.redis.hdel(self.keys.front_routes(), slot_id)
+        ROUTES_UP.set(sum(1 for r in self.routes.values() if r.state == "up"))
         log.info("slot %s released: gateway ports closed", slot_id)
 
     async def _save_route(self, route: Route) -> None:
@@ -353,11 +373,7 @@ class NodeFront:
         if p.gateway_poc_port and p.gateway_inference_port:
             return p.gateway_poc_port, p.gateway_inference_port
         raw = await self.redis.hget(self.keys.gateway_ports(), p.slot_id)
-        if raw is None:
-            return None
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        poc, inference = (int(x) for x in text.split(","))
-        return poc, inference
+        return None if raw is None else _parse_pair(raw)
 
     async def _on_reachable(self, p: InstanceReachable) -> None:
         if p.instance_id in self._gone:
@@ -697,6 +713,13 @@ def _standby_after(route: Route | None, new_instance: int, gone: set[int]) -> li
         return []
     entries = [*route.standby, *([route.reachable] if route.reachable else [])]
     return [e for e in entries if e.get("instance_id") != new_instance and e.get("instance_id") not in gone]
+
+
+def _parse_pair(raw: bytes | str) -> tuple[int, int]:
+    """A ``gateway:ports`` value, ``'poc_port,inference_port'`` (ValueError otherwise)."""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    poc, inference = (int(x) for x in text.split(","))
+    return poc, inference
 
 
 def _port_of(url: str) -> int | None:
