@@ -17,6 +17,24 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from hybrid_common import TEST, EpochShape
+
+# A short epoch on a fast, jump-driven clock for the weight-reading tests: the participants list exists from the
+# epoch's set_new_validators block (P + stage + validation delay + validation + delay, gonka-protocol.md §5).
+SHORT_PROFILE = TEST.model_copy(update={"block_seconds": 0.1})
+SHORT_SHAPE = EpochShape(
+    epoch_length=100,
+    poc_stage_duration=10,
+    poc_exchange_duration=2,
+    poc_validation_delay=2,
+    poc_validation_duration=10,
+    set_new_validators_delay=6,
+    inference_validation_cutoff=4,
+)
+SHORT_P = 40
+SHORT_VAL_END = SHORT_P + 10 + 2 + 10
+SHORT_SET_NEW_VALIDATORS = SHORT_VAL_END + 6
+
 _VERSION_PREFIX = re.compile(r"^/v\d+\.\d+\.\d+[^/]*(?=/)")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "trailer", "upgrade"}
 

@@ -133,6 +133,14 @@ async def test_one_epoch_decides_who_earns_weight(generation: str) -> None:
                 return "early" not in (await api.report())["chain_nodes"]
 
             await poll_until(early_off_chain, timeout=10, what="the deletion of 'early' to reach the chain")
+
+            async def inference_validated() -> bool:
+                # Traffic runs every 0.25 s to nodes in INFERENCE; on a loaded machine the first validated one of the
+                # epoch can come a few seconds after the deletion above.
+                ep = next(e for e in (await api.report())["epochs"] if e["index"] == 1)
+                return ep["inference"]["ok"] > 0 and ep["inference"]["validations_passed"] > 0
+
+            await poll_until(inference_validated, timeout=30, what="a validated inference in epoch 1")
             report = await api.report()
             ep = next(e for e in report["epochs"] if e["index"] == 1)
             nodes = ep["nodes"]

@@ -108,7 +108,12 @@ class Campaign(BaseModel):
     notes: list[str] = Field(default_factory=list)
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
+    # What the chain gave this participant for the epoch (PoC campaigns, recorded by EpochWeights once the epoch's
+    # participants are on chain): the participant's weight, the PoC weight of each of our slots, and the height
+    # the record was stored at. ``None`` = not known yet.
     weight: float | None = None
+    node_weights: dict[str, int] = Field(default_factory=dict)
+    weight_height: int | None = None
 
     def slot_candidates(self, slot: int) -> list[CandidateRecord]:
         return sorted((c for c in self.candidates.values() if c.slot == slot), key=lambda c: (len(c.name), c.name))
@@ -145,6 +150,7 @@ class Campaign(BaseModel):
             "gpu_boots": sum(1 for c in self.candidates.values() if c.started_at is not None),
             "released_at_height": self.released_at_height,
             "weight": self.weight,
+            "node_weights": self.node_weights,
             "gpu_seconds": round(sum(c.gpu_seconds for c in self.candidates.values()), 3),
             "cost_usd": round(sum(c.cost_usd for c in self.candidates.values()), 6),
             "plan": self.plan,

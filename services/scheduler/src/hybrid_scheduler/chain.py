@@ -1,5 +1,6 @@
-"""Reading the chain: the dapi's public ``/v1/epochs/latest``, chain REST ``epoch_info`` / ``params`` /
-``mlnode_version``, and Tendermint ``/chain-rpc/status`` (gonka-protocol.md §5), parsed defensively.
+"""Reading the chain: the dapi's public ``/v1/epochs/latest`` and ``/v1/epochs/{epoch}/participants``, chain REST
+``epoch_info`` / ``params`` / ``mlnode_version``, and Tendermint ``/chain-rpc/status`` (gonka-protocol.md §5), parsed
+defensively.
 
 The two renderings differ (the dapi's Go JSON drops zero fields and prints int64 as numbers; the gRPC gateway prints
 every field, int64 as strings), ``phase`` may be a name or an enum number, and a confirmation-PoC event loses its
@@ -21,6 +22,7 @@ from hybrid_scheduler.window import EpochParams, InvalidChainData, PocWindow, as
 PUBLIC_EPOCH: Final = "/v1/epochs/latest"
 REST_BASE: Final = "/chain-api/productscience/inference/inference"
 RPC_STATUS: Final = "/chain-rpc/status"
+PARTICIPANTS_BYTES: Final = 16 << 20  # a mainnet epoch lists hundreds of participants, with validators and a block
 
 PHASES: Final = ("PoCGenerate", "PoCGenerateWindDown", "PoCValidate", "PoCValidateWindDown", "Inference")
 # Confirmation-PoC phases (gonka-protocol.md §8); the dapi prints the enum as a number, some clients as a name.
@@ -35,6 +37,10 @@ CPOC_PHASES: Final = {
 
 class ChainUnavailable(RuntimeError):
     """An endpoint did not answer (connection error, timeout, HTTP error status)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _phase(raw: Any) -> str:
@@ -228,6 +234,59 @@ def _derive_phase(height: int, index: int, poc_start: int, params: EpochParams) 
     return "Inference"
 
 
+@dataclass(frozen=True)
+class EpochParticipants:
+    """An epoch's ``ActiveParticipants`` as the dapi's ``/v1/epochs/{epoch}/participants`` shows them."""
+
+    epoch_index: int
+    poc_start: int | None
+    created_at_height: int | None  # the block that stored the record (the epoch's set_new_validators)
+    weights: dict[str, int]  # participant address -> weight
+    node_weights: dict[str, dict[str, int]]  # participant address -> ML node id -> PoC weight
+
+
+def parse_participants(raw: Any, epoch_index: int) -> EpochParticipants:
+    """``active_participants`` of the answer: the dapi's Go JSON of gogoproto types, so every zero field is absent
+    (a participant's ``weight``, a node's ``poc_weight``, an empty list) and int64 are numbers (strings accepted)."""
+    active = _obj(_obj(raw, "the answer").get("active_participants"), "active_participants")
+
+    def optional(obj: dict[str, Any], name: str) -> int | None:
+        return as_int(obj[name], name) if obj.get(name) not in (None, "") else None
+
+    answered = optional(active, "epoch_id")
+    if answered not in (None, epoch_index):
+        raise InvalidChainData(f"asked for epoch {epoch_index}'s participants, got epoch {answered}'s")
+    items = active.get("participants") or []
+    if not isinstance(items, list):
+        raise InvalidChainData("active_participants.participants is not a list")
+    weights: dict[str, int] = {}
+    node_weights: dict[str, dict[str, int]] = {}
+    for item in items:
+        p = _obj(item, "a participant")
+        address = p.get("index")
+        if not isinstance(address, str) or not address:
+            raise InvalidChainData("a participant without an index (address)")
+        weight = optional(p, "weight") or 0
+        if weight < 0:
+            raise InvalidChainData(f"participant {address} has a negative weight {weight}")
+        weights[address] = weight
+        nodes: dict[str, int] = {}
+        groups = p.get("ml_nodes") or []
+        for group in groups if isinstance(groups, list) else []:
+            inner = group.get("ml_nodes") if isinstance(group, dict) else None
+            for node in inner if isinstance(inner, list) else []:
+                if isinstance(node, dict) and isinstance(node.get("node_id"), str):
+                    nodes[node["node_id"]] = optional(node, "poc_weight") or 0
+        node_weights[address] = nodes
+    return EpochParticipants(
+        epoch_index=epoch_index,
+        poc_start=optional(active, "poc_start_block_height"),
+        created_at_height=optional(active, "created_at_block_height"),
+        weights=weights,
+        node_weights=node_weights,
+    )
+
+
 def parse_rpc_status(raw: Any) -> int:
     """``result.sync_info.latest_block_height`` of Tendermint's ``/status``."""
     result = _obj(_obj(raw, "the answer").get("result"), "result")
@@ -273,7 +332,7 @@ class ChainClient:
     async def close(self) -> None:
         await self.http.aclose()
 
-    async def get_json(self, path: str) -> tuple[Any, float]:
+    async def get_json(self, path: str, *, max_bytes: int | None = None) -> tuple[Any, float]:
         """The decoded JSON body and the wall time it arrived; :class:`ChainUnavailable` / :class:`InvalidChainData`."""
         try:
             resp = await self.http.get(path)
@@ -281,9 +340,9 @@ class ChainClient:
             raise ChainUnavailable(f"GET {path}: {type(exc).__name__}: {exc}".rstrip(": ")) from None
         at = time.time()
         if resp.status_code != 200:
-            raise ChainUnavailable(f"GET {path}: HTTP {resp.status_code}")
-        if len(resp.content) > self.max_bytes:
-            raise InvalidChainData(f"GET {path}: {len(resp.content)} bytes is not an epoch answer")
+            raise ChainUnavailable(f"GET {path}: HTTP {resp.status_code}", resp.status_code)
+        if len(resp.content) > (max_bytes or self.max_bytes):
+            raise InvalidChainData(f"GET {path}: {len(resp.content)} bytes is too large an answer")
         try:
             return orjson.loads(resp.content), at
         except orjson.JSONDecodeError:
@@ -300,6 +359,17 @@ class ChainClient:
     async def rpc_height(self) -> tuple[int, float]:
         raw, at = await self.get_json(RPC_STATUS)
         return parse_rpc_status(raw), at
+
+    async def participants(self, epoch_index: int) -> EpochParticipants | None:
+        """The epoch's active participants; ``None`` while the chain has no record for it (the dapi's 404: before the
+        epoch's ``set_new_validators``, or a PoC that gave nobody weight)."""
+        try:
+            raw, _ = await self.get_json(f"/v1/epochs/{epoch_index}/participants", max_bytes=PARTICIPANTS_BYTES)
+        except ChainUnavailable as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return parse_participants(raw, epoch_index)
 
     async def flags(self) -> tuple[bool | None, str | None]:
         params, _ = await self.get_json(f"{REST_BASE}/params")

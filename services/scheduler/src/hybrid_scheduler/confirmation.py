@@ -126,11 +126,14 @@ class ConfirmationWatcher:
         event = view.confirmation if view.confirmation_active else None
         seen = {e.key for e in status.events}
         acted = False
+        # Close the event we hold before taking a new one: two events can follow each other with no poll in between
+        # that sees neither (a couple of blocks of warning, gonka-protocol.md §6), and detecting first would overwrite
+        # ``active`` and leave the earlier event open for ever (no end, no answered_in_time, no ended event).
+        if status.active is not None and (event is None or event.key != status.active):
+            await self._ended(status, t, campaigns)
         if event is not None and event.key not in seen and t.fresh:
             await self._detected(status, event, t)
             acted = status.policy is not ConfirmationPolicy.IGNORE
-        if status.active is not None and (event is None or event.key != status.active):
-            await self._ended(status, t, campaigns)
         await self._maintain_standby(status, t, campaigns)
         self._account(status, t, campaigns)
         await self.save(status)

@@ -21,6 +21,10 @@ from hybrid_common.settings import CommonSettings
 from hybrid_scheduler.policy import PolicyConfig
 from hybrid_scheduler.window import DEFAULT_RELEASE_MARGIN_SECONDS
 
+# The simulated dapi's participant (sim.network.public_api.SIM_PARTICIPANT_ADDRESS, checked equal by a test): the
+# default of GONKA_PARTICIPANT_ADDRESS in MODE=sim, so the simulated world needs no configuration.
+SIM_PARTICIPANT_ADDRESS = "gonka16egtfj93fd349hqu9xj9l9cmd52sjpezhtqwre"
+
 
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
@@ -32,7 +36,12 @@ def _holder() -> str:
 
 class SchedulerSettings(CommonSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_nested_delimiter="__"
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        env_nested_delimiter="__",
+        env_ignore_empty=True,  # SCHEDULER_X= (or compose's ${SCHEDULER_X:-}) means unset: the default applies
     )
 
     holder: str = Field(default_factory=_holder, validation_alias=_env("SCHEDULER_HOLDER"))
@@ -96,6 +105,20 @@ class SchedulerSettings(CommonSettings):
     )
     release_how: Literal["delete", "disable"] = Field(default="delete", validation_alias=_env("SCHEDULER_RELEASE_HOW"))
 
+    # The weight the chain gave us per epoch (read from the dapi's public /v1/epochs/{epoch}/participants).
+    participant_address: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]+1[02-9ac-hj-np-z]{6,}$",
+        validation_alias=_env("GONKA_PARTICIPANT_ADDRESS", "SCHEDULER_PARTICIPANT_ADDRESS"),
+        description="this participant's account address (gonka1...): `inferenced keys show $KEY_NAME -a`",
+    )
+    weight_retry_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        validation_alias=_env("SCHEDULER_WEIGHT_RETRY_SECONDS"),
+        description="wall seconds between two reads of an epoch's participants while its weight is unknown",
+    )
+
     # Confirmation PoC.
     confirmation_policy: ConfirmationPolicy = Field(
         default=ConfirmationPolicy.IGNORE, validation_alias=_env("SCHEDULER_CONFIRMATION_POLICY")
@@ -112,6 +135,12 @@ class SchedulerSettings(CommonSettings):
         validation_alias=_env("SCHEDULER_REHEARSAL_MAX_WAIT"),
         description="kept through the next PoC when its release comes within this after registering",
     )
+
+    def our_address(self) -> str | None:
+        """Whose weight to record: the configured address, else in MODE=sim the simulated participant's."""
+        if self.participant_address is not None:
+            return self.participant_address
+        return SIM_PARTICIPANT_ADDRESS if self.mode == "sim" else None
 
     def profile(self) -> TimeProfile:
         return current_profile()

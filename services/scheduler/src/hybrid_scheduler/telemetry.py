@@ -16,3 +16,4 @@ DECISIONS = counter("scheduler_decisions", "rental policy actions taken", ("acti
 COMMANDS = counter("scheduler_commands", "commands published to the provisioner", ("command",))
 BOOTS = histogram("scheduler_boot_seconds", "command to registered node, per kind", ("kind",), buckets=SLOW_BUCKETS)
 CONFIRMATIONS = counter("scheduler_confirmation_pocs", "confirmation PoC events seen, by policy action", ("action",))
+EPOCH_WEIGHT = gauge("scheduler_epoch_weight", "the participant's weight in the last epoch whose weights were read")

@@ -52,6 +52,7 @@ from hybrid_scheduler.observer import ChainObserver
 from hybrid_scheduler.planner import Planner, Tick
 from hybrid_scheduler.policy import CandidateKind
 from hybrid_scheduler.settings import SchedulerSettings
+from hybrid_scheduler.weights import EpochWeights
 
 log = logging.getLogger("hybrid.scheduler")
 
@@ -87,6 +88,7 @@ class Scheduler:
             report_every=settings.report_every,
             flags_every=settings.flags_every,
         )
+        self.weights = EpochWeights(self.client, self.book, settings.our_address(), settings.weight_retry_seconds)
         self.lease = Lease(self.redis, self.keys, "scheduler", settings.holder, settings.lease_ttl)
         self.conn: AbstractRobustConnection | None = None
         self.publisher: Publisher | None = None
@@ -137,6 +139,8 @@ class Scheduler:
             asyncio.create_task(self._ticks(), name="scheduler-ticks"),
         ]
         log.info("scheduler %s started (namespace %r)", self.s.holder, self.s.namespace)
+        if self.weights.address is None:
+            log.warning("GONKA_PARTICIPANT_ADDRESS is not set: the weight earned per epoch will not be recorded")
 
     async def stop(self) -> None:
         """Graceful: stop ticking, hand the lease back so a standby takes over at once, close connections."""
@@ -230,6 +234,7 @@ class Scheduler:
         campaigns = await self.planner.tick(t)
         if await self.confirmation.observe(t, campaigns):
             campaigns = await self.planner.tick(t)
+        await self.weights.record(view, campaigns, token, now)
         plan = campaigns.get(self.planner.poc_key(view.epoch_index + 1))
         if plan is not None and "lead_seconds" in plan.plan:
             telemetry.LEAD_SECONDS.set(float(plan.plan["lead_seconds"]))

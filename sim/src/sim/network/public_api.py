@@ -1,5 +1,6 @@
-"""What the dapi's public port (8000, behind its nginx) shows: the dapi's own ``/v1/epochs/latest``,
-the chain's REST under ``/chain-api/`` and Tendermint RPC under ``/chain-rpc/`` (gonka-protocol.md §5).
+"""What the dapi's public port (8000, behind its nginx) shows: the dapi's own ``/v1/epochs/latest`` and
+``/v1/epochs/{epoch|current}/participants``, the chain's REST under ``/chain-api/`` and Tendermint RPC under
+``/chain-rpc/`` (gonka-protocol.md §5).
 
 The two renderings differ on purpose (see :mod:`sim.network.wire_format`): the dapi's JSON drops zero
 fields of protobuf types and prints int64 as numbers; the chain REST prints everything, int64 as strings.
@@ -7,12 +8,16 @@ fields of protobuf types and prints int64 as numbers; the chain REST prints ever
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
+from sim.network.chain import EpochRecord
+from sim.network.epochs import EpochContext
 from sim.network.wire_format import int64_strings, omit_empty, proto_decimal, rest_decimal
 
 if TYPE_CHECKING:
@@ -21,9 +26,23 @@ if TYPE_CHECKING:
 REST = "/chain-api/productscience/inference/inference"
 CHAIN_ID = "gonka-sim"
 
+# The simulated participant's account address: bech32("gonka", ripemd160(sha256(pubkey))) of the account key the admin
+# API's /admin/v1/config shows (NetworkParams.participant_public_key, "02" + "5a" * 32). The operator knows it (it is
+# ``inferenced keys show <KEY_NAME> -a``); the scheduler's GONKA_PARTICIPANT_ADDRESS defaults to it in MODE=sim.
+SIM_PARTICIPANT_ADDRESS = "gonka16egtfj93fd349hqu9xj9l9cmd52sjpezhtqwre"
+# Two other participants of the simulated network (addresses of the keys "03" + "a1" * 32 and "03" + "b2" * 32), so
+# a client has to pick its own participant out of the list rather than take the first one.
+SIM_PEERS = ("gonka1keplur8gsfau8aatgjaqlyxr3fy5kc33dgzjzq", "gonka13th5wqqae6keru6c7qptmttqwmzg9x20w4hw5l")
+NO_PARTICIPANTS = "No active participants found for the specified epoch. Looks like PoC failed!"
+
 
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _echo_error(status: int, message: str) -> web.Response:
+    """An ``echo.NewHTTPError`` as the dapi's echo server renders it."""
+    return _json({"message": message}, status)
 
 
 def rfc3339_nano(unix: float) -> str:
@@ -38,6 +57,7 @@ class PublicRoutes:
     def register(self, app: web.Application) -> None:
         r = app.router
         r.add_get("/v1/epochs/{epoch}", self.epoch)
+        r.add_get("/v1/epochs/{epoch}/participants", self.participants)
         r.add_get(f"{REST}/epoch_info", self.rest_epoch_info)
         r.add_get(f"{REST}/params", self.rest_params)
         r.add_get(f"{REST}/mlnode_version", self.rest_mlnode_version)
@@ -70,6 +90,13 @@ class PublicRoutes:
         latest = self.dapi.chain.latest
         return {"index": latest.index, "poc_start_block_height": latest.poc_start}
 
+    def _effective_epoch(self) -> int:
+        """The epoch whose validators are active: the latest one from its ``set_new_validators`` on."""
+        chain = self.dapi.chain
+        if chain.height >= chain.context().set_new_validators():
+            return chain.latest.index
+        return max(0, chain.latest.index - 1)
+
     # --- dapi ------------------------------------------------------------------------------
 
     async def epoch(self, request: web.Request) -> web.Response:
@@ -92,6 +119,101 @@ class PublicRoutes:
         if event is not None:
             body["active_confirmation_poc_event"] = omit_empty(event.as_proto(self.dapi.params.epoch))
         return _json(body)
+
+    async def participants(self, request: web.Request) -> web.Response:
+        """``GET /v1/epochs/{epoch}/participants``: the epoch's active participants with their weight.
+
+        The dapi's handler (decentralized-api ``getParticipantsByEpoch``): ``current`` is the chain's effective epoch;
+        epoch 0 is refused; the ``ActiveParticipants`` record is stored by the chain at ``set_new_validators`` from the
+        weights fixed at the end of PoC validation (gonka-protocol.md §3), so before that block, or for an epoch whose
+        PoC gave nobody weight, the answer is 404. Go's ``encoding/json`` of the gogoproto types: zero fields vanish,
+        int64 are numbers. There is no Merkle proof here (``proof_ops`` and ``block`` are null) and
+        ``active_participants_bytes`` is the hex of the record's JSON, not of its protobuf.
+        """
+        raw = request.match_info["epoch"]
+        if raw == "current":
+            epoch = self._effective_epoch()
+        elif raw.isascii() and raw.isdigit():
+            epoch = int(raw)
+        else:
+            return _echo_error(400, "Invalid epoch id")
+        if epoch == 0:
+            return _echo_error(400, "Epoch enumeration starts with 1")
+        record = next((r for r in self.dapi.chain.epochs if r.index == epoch), None)
+        if record is None or record.weights_fixed_at is None:
+            return _echo_error(404, NO_PARTICIPANTS)
+        created = EpochContext(index=record.index, poc_start=record.poc_start, params=self.dapi.params.epoch)
+        created_at = created.set_new_validators()
+        if self.dapi.chain.height < created_at:
+            return _echo_error(404, NO_PARTICIPANTS)
+        members = self._members(record)
+        active = omit_empty(
+            {
+                "participants": [self._participant(record, *m) for m in members],
+                "epoch_group_id": record.index,
+                "poc_start_block_height": record.poc_start,
+                "effective_block_height": created_at,
+                "created_at_block_height": created_at,
+                "epoch_id": record.index,
+            }
+        )
+        keys = [_validator_key(address) for address, _, _ in members]
+        return _json(
+            {
+                "active_participants": active,
+                "addresses": [_consensus_address(k) for k in keys],
+                "active_participants_bytes": orjson.dumps(active).hex(),
+                "proof_ops": None,
+                "validators": [
+                    {"address": _consensus_address(k), "pub_key": k, "voting_power": w, "proposer_priority": 0}
+                    for k, (_, w, _) in zip(keys, members, strict=True)
+                ],
+                "block": None,
+            }
+        )
+
+    def _members(self, record: EpochRecord) -> list[tuple[str, int, dict[str, int]]]:
+        """(address, weight, node id → PoC weight) of every participant with weight, sorted by address.
+
+        This participant's weight is the record the report shows (``total_weight``, summed over the nodes that were in
+        the chain's node list at the end of PoC validation); a participant that earned nothing is not active.
+        """
+        out: list[tuple[str, int, dict[str, int]]] = []
+        if record.total_weight > 0:
+            nodes = {
+                node_id: int(rec.weight or 0)
+                for node_id, rec in sorted(record.nodes.items())
+                if node_id in record.chain_nodes_at_weights
+            }
+            out.append((SIM_PARTICIPANT_ADDRESS, record.total_weight, nodes))
+        for i, address in enumerate(SIM_PEERS):
+            digest = hashlib.sha256(f"{self.dapi.seed}:{record.index}:{address}".encode()).digest()
+            weight = 1000 + int.from_bytes(digest[:2], "big") % 1000
+            out.append((address, weight, {f"node{i + 1}": weight}))
+        return sorted(out)
+
+    def _participant(self, record: EpochRecord, address: str, weight: int, nodes: dict[str, int]) -> dict[str, Any]:
+        p = self.dapi.params
+        signature = hashlib.sha256(f"seed:{address}:{record.index}".encode()).hexdigest() * 2
+        ours = address == SIM_PARTICIPANT_ADDRESS
+        return omit_empty(
+            {
+                "index": address,
+                "validator_key": _validator_key(address),
+                "weight": weight,
+                "inference_url": self.dapi.public_url if ours else f"http://{address[-8:]}.gonka-sim:8000",
+                "models": [p.epoch_model],
+                "seed": omit_empty({"participant": address, "epoch_index": record.index, "signature": signature}),
+                "ml_nodes": [
+                    {
+                        "ml_nodes": [
+                            omit_empty({"node_id": n, "poc_weight": w, "timeslot_allocation": [True, False]})
+                            for n, w in nodes.items()
+                        ]
+                    }
+                ],
+            }
+        )
 
     # --- chain REST --------------------------------------------------------------------------
 
@@ -160,9 +282,7 @@ class PublicRoutes:
                 "phase": ctx.phase(h),
                 "epoch_stages": self._rest_stages(ctx.stages()),
                 "next_epoch_stages": self._rest_stages(ctx.next().stages()),
-                "effective_epoch_index": str(
-                    chain.latest.index if h >= ctx.set_new_validators() else max(0, chain.latest.index - 1)
-                ),
+                "effective_epoch_index": str(self._effective_epoch()),
             }
         )
 
@@ -204,3 +324,13 @@ class PublicRoutes:
                 },
             }
         )
+
+
+def _validator_key(address: str) -> str:
+    """A participant's consensus key (ed25519, base64), fixed per address."""
+    return base64.b64encode(hashlib.sha256(f"validator:{address}".encode()).digest()).decode()
+
+
+def _consensus_address(validator_key: str) -> str:
+    """CometBFT's address of an ed25519 key: the first 20 bytes of its SHA-256, upper-case hex (tmhash)."""
+    return hashlib.sha256(base64.b64decode(validator_key)).digest()[:20].hex().upper()
