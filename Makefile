@@ -52,8 +52,12 @@ compose-check:
 catalogue: venv
 	$(VENV)/bin/python -m hybrid_common.catalogue --write docs
 
+# The suite waits on simulated clocks more than it computes: two workers halve the wall time on two cores and leave
+# the timing-sensitive runs (fault injection, PoC windows) enough CPU; three were faster but flaky. A file stays on one
+# worker (module fixtures such as a whole running world are shared), and conftest.py starts the longest files first.
+PYTEST_WORKERS ?= 2
 pytest: venv tools services-up
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test: venv tools services-up lint typecheck compose-check pytest
 

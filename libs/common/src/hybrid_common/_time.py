@@ -99,9 +99,11 @@ PROFILES: Final[dict[str, TimeProfile]] = {p.name: p for p in (REAL, TEST, DEMO)
 
 
 def current_profile() -> TimeProfile:
-    """The profile named by ``HYBRID_TIME_PROFILE`` (default ``test``), optionally re-accelerated
-    by ``HYBRID_ACCELERATION`` and re-clocked by ``HYBRID_BLOCK_SECONDS``."""
-    name = os.environ.get("HYBRID_TIME_PROFILE", "test")
+    """The profile named by ``HYBRID_TIME_PROFILE`` (default ``real`` with ``MODE=live``, else ``test``; empty = unset),
+    optionally re-accelerated by ``HYBRID_ACCELERATION`` and re-clocked by ``HYBRID_BLOCK_SECONDS``.
+    ``CommonSettings`` refuses any other than ``real`` in ``MODE=live``."""
+    live = (os.environ.get("MODE") or os.environ.get("HYBRID_MODE")) == "live"
+    name = os.environ.get("HYBRID_TIME_PROFILE") or ("real" if live else "test")
     try:
         profile = PROFILES[name]
     except KeyError:

@@ -55,7 +55,10 @@ SENT = counter("alerts_sent_total", "alert webhook posts by outcome", ("outcome"
 
 
 class AlertSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
+    # ALERT_WEBHOOK_URL= (or compose's ${ALERT_WEBHOOK_URL:-}) means unset: no notifier posting to an empty URL.
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     alert_webhook_url: SecretStr | None = Field(default=None, validation_alias=AliasChoices("ALERT_WEBHOOK_URL"))
     alert_webhook_timeout: float = Field(default=5.0, gt=0, validation_alias=AliasChoices("ALERT_WEBHOOK_TIMEOUT"))

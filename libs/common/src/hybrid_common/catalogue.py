@@ -1,7 +1,10 @@
 """The message catalogue, generated from the schemas (never written by hand).
 
 ``python -m hybrid_common.catalogue --write docs`` regenerates ``docs/messages.md`` and ``docs/state-and-ports.md``
-(the Redis key table and port map); ``--check docs`` exits 1 when a checked-in page differs from what the code says.
+(the Redis key table and port map) and rewrites the generated block of ``docs/architecture.md`` — the same key table
+and port map between the marker comments ``<!-- generated:state-and-ports -->`` and ``<!-- /generated -->``, the
+hand-written text around them untouched. ``--check docs`` exits 1 when a checked-in page or block differs from what
+the code says, or when the block's markers are missing.
 """
 
 from __future__ import annotations
@@ -89,26 +92,70 @@ def render() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def render_tables() -> str:
-    """The Redis key table and the port map, from the code that defines them."""
+def _state_and_ports(level: int) -> list[str]:
+    """The key table and the port map under headings of ``level`` (``#`` count)."""
+    h = "#" * level
     out = [
-        "# Shared state and ports",
-        "",
         "Generated from `hybrid_common.redis_keys.KEY_TABLE` and `hybrid_common.PORTS` by `make catalogue`.",
         "Every key has one writing owner. Keys are prefixed with `<HYBRID_NAMESPACE>:` when a namespace is set.",
         "",
-        "## Redis keys",
+        f"{h} Redis keys",
         "",
         "| key | writer | readers | lifetime | what |",
         "|---|---|---|---|---|",
     ]
     out += [f"| `{k.pattern}` | {k.owner} | {k.readers} | {k.lifetime} | {k.purpose} |" for k in KEY_TABLE]
-    out += ["", "## Ports", "", "| name | port | owner | what |", "|---|---|---|---|"]
+    out += ["", f"{h} Ports", "", "| name | port | owner | what |", "|---|---|---|---|"]
     out += [f"| `{name}` | {e.port} | {e.owner} | {e.purpose} |" for name, e in PORTS.items()]
-    return "\n".join(out) + "\n"
+    return out
+
+
+def render_tables() -> str:
+    """The Redis key table and the port map, from the code that defines them (``docs/state-and-ports.md``)."""
+    return "\n".join(["# Shared state and ports", "", *_state_and_ports(2)]) + "\n"
+
+
+# The generated block inside docs/architecture.md: everything between the markers belongs to `make catalogue`.
+BLOCK_START = "<!-- generated:state-and-ports -->"
+BLOCK_END = "<!-- /generated -->"
+
+
+class MissingBlock(ValueError):
+    """A page that should hold a generated block lacks its markers (or has them out of order)."""
+
+
+def render_block() -> str:
+    """The generated block of docs/architecture.md, markers included (headings one level below the page's ``##``)."""
+    return "\n".join([BLOCK_START, *_state_and_ports(3), BLOCK_END])
+
+
+def splice(page: str, block: str) -> str:
+    """``page`` with the text from its start marker to its end marker replaced by ``block``."""
+    start = page.find(BLOCK_START)
+    end = page.find(BLOCK_END, start + len(BLOCK_START)) if start >= 0 else -1
+    if start < 0 or end < 0:
+        raise MissingBlock(f"no {BLOCK_START} ... {BLOCK_END} block")
+    return page[:start] + block + page[end + len(BLOCK_END) :]
 
 
 DOCS = {"messages.md": render, "state-and-ports.md": render_tables}
+# Pages written by hand that carry a generated block.
+BLOCKS = {"architecture.md": render_block}
+
+
+def _stale(docs: Path) -> list[str]:
+    stale = [n for n, fn in DOCS.items() if not (docs / n).exists() or (docs / n).read_text() != fn()]
+    for name, block in BLOCKS.items():
+        page = docs / name
+        try:
+            current = page.read_text()
+            fresh = splice(current, block())
+        except (OSError, MissingBlock):
+            stale.append(name)
+            continue
+        if fresh != current:
+            stale.append(name)
+    return stale
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         for name, fn in DOCS.items():
             (args.write / name).write_text(fn())
+        for name, block in BLOCKS.items():
+            page = args.write / name
+            try:
+                page.write_text(splice(page.read_text(), block()))
+            except (OSError, MissingBlock) as exc:
+                print(f"{page}: cannot rewrite its generated block: {exc}", file=sys.stderr)  # noqa: T201
+                return 1
     elif args.check:
-        stale = [n for n, fn in DOCS.items() if not (args.check / n).exists() or (args.check / n).read_text() != fn()]
+        stale = _stale(args.check)
         if stale:
             print(f"stale generated docs: {', '.join(stale)}: run `make catalogue`", file=sys.stderr)  # noqa: T201
             return 1

@@ -91,9 +91,16 @@ KEY_TABLE: Final[tuple[KeySpec, ...]] = (
         "provisioner",
         "proxy, CLI status",
         "slot's life",
-        "slot record: job (the one live job renting it), instance, state, node, release/start requests, label seq",
+        "slot record: job (the one live job renting it), instance, state, node (registered / disabled / empty),"
+        " release/start requests, label seq",
     ),
-    KeySpec("gateway:ports", "provisioner", "proxy", "permanent", "hash slot_id → 'poc_port,inference_port'"),
+    KeySpec(
+        "gateway:ports",
+        "provisioner",
+        "proxy",
+        "entry: while a job holds the slot or the dapi keeps its node",
+        "hash slot_id → 'poc_port,inference_port'; freed pairs are reused, the front closes their listeners",
+    ),
     KeySpec(
         "instances",
         "provisioner",

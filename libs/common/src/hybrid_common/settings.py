@@ -3,16 +3,26 @@
 The seeds' variable names are accepted as they are (``HYPERBOLIC_API_KEY``, ``VASTAI_API_KEY``, ``VASTAI_MAX_PRICE``,
 ...). Secrets are ``SecretStr``: they print as ``**********``. ``MODE=sim`` (the default) points every external URL at
 the simulated world, whatever keys are set: only ``MODE=live`` touches a real endpoint.
+
+An environment variable set to the empty string counts as unset (``env_ignore_empty``): compose's ``${VAR:-}`` and a
+``VAR=`` line in ``.env`` leave the default in place instead of an empty endpoint.
+
+``MODE=live`` runs on the real clock: the time profile (``HYBRID_TIME_PROFILE``, which every service's timings are
+divided by) is ``real`` unless set, and a ``demo``/``test`` profile or an ``HYBRID_ACCELERATION`` other than 1 is
+refused at start — accelerated timings against real endpoints poll Vast.ai many times a second and give up a paid boot
+after seconds. The decision is made before any field default is computed, so the services' scaled defaults see it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hybrid_common._ports import port
+from hybrid_common._time import PROFILES, current_profile
 
 Mode = Literal["sim", "live"]
 
@@ -29,12 +39,45 @@ def _local(name: str, path: str = "") -> str:
     return f"http://127.0.0.1:{port(name)}{path}"
 
 
+def _raw(data: dict[str, Any], field: str) -> Any:
+    """A field's raw input before validation, under its name or any of its aliases (as pydantic-settings hands it)."""
+    info = CommonSettings.model_fields[field]
+    names = [field]
+    if isinstance(info.validation_alias, AliasChoices):
+        names += [c for c in info.validation_alias.choices if isinstance(c, str)]
+    for name in names:
+        if name in data:
+            return data[name]
+    return None
+
+
 class CommonSettings(BaseSettings):
     """What every service reads. Services subclass it and add their own fields."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
+    # hide_input_in_errors: a validation error would otherwise print the raw input, keys included.
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        env_ignore_empty=True,
+        hide_input_in_errors=True,
+    )
 
     mode: Mode = Field(default="sim", validation_alias=AliasChoices("MODE", "HYBRID_MODE"))
+    # The clock every timing is scaled by (read by hybrid_common.current_profile from the process environment; these
+    # fields let the settings see a value set in .env and refuse an accelerated clock in MODE=live).
+    time_profile: Literal["real", "demo", "test"] | None = Field(
+        default=None,
+        validation_alias=AliasChoices("HYBRID_TIME_PROFILE"),
+        description="real | demo | test (default: real in MODE=live, test otherwise)",
+    )
+    time_acceleration: float | None = Field(
+        default=None,
+        gt=0,
+        validation_alias=AliasChoices("HYBRID_ACCELERATION"),
+        description="re-accelerates the profile (simulated world only)",
+    )
     amqp_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/", validation_alias=AliasChoices("AMQP_URL"))
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL"))
     namespace: str = Field(
@@ -67,6 +110,21 @@ class CommonSettings(BaseSettings):
         default=None,
         validation_alias=AliasChoices("DAPI_CALLBACK_URL"),
         description="the dapi's internal PoC callback server (relay forwards here)",
+    )
+    # Where the simulated world listens: used in MODE=sim for an endpoint left unset (compose runs the simulators in
+    # their own containers); never used in MODE=live.
+    sim_vast_url: str = Field(default=_local("sim.vast"), validation_alias=AliasChoices("SIM_VAST_URL"))
+    sim_upstream_url: str = Field(
+        default=_local("sim.upstream", "/v1"), validation_alias=AliasChoices("SIM_UPSTREAM_URL")
+    )
+    sim_dapi_admin_url: str = Field(
+        default=_local("sim.dapi.admin"), validation_alias=AliasChoices("SIM_DAPI_ADMIN_URL")
+    )
+    sim_dapi_public_url: str = Field(
+        default=_local("sim.dapi.public"), validation_alias=AliasChoices("SIM_DAPI_PUBLIC_URL")
+    )
+    sim_dapi_callback_url: str = Field(
+        default=_local("sim.dapi.callback"), validation_alias=AliasChoices("SIM_DAPI_CALLBACK_URL")
     )
 
     # The node front (design: "Why a node front"): the dapi reaches every GPU slot at this host and the slot's
@@ -110,27 +168,54 @@ class CommonSettings(BaseSettings):
     mlnode_startup_timeout: float = Field(default=1800, gt=0, validation_alias=AliasChoices("MLNODE_STARTUP_TIMEOUT"))
     poc_execution_timeout: float = Field(default=3600, gt=0, validation_alias=AliasChoices("POC_EXECUTION_TIMEOUT"))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _live_runs_on_the_real_clock(cls, data: Any) -> Any:
+        """MODE=live: the ``real`` profile unless set, any other refused (money is real).
+
+        Runs before the fields: the services' timing defaults call ``current_profile()`` while their fields are
+        validated, so a ``MODE=live`` read from ``.env`` (not in the process environment) must put ``real`` there
+        first."""
+        if not isinstance(data, dict) or _raw(data, "mode") != "live":
+            return data
+        name = _raw(data, "time_profile")
+        if name is not None and name != "real":
+            raise ValueError(
+                f"MODE=live runs on the real clock: HYBRID_TIME_PROFILE={name!r} would scale every timeout and poll "
+                f"down by {PROFILES[name].acceleration:g}x against real, paid endpoints"
+                if name in PROFILES
+                else f"HYBRID_TIME_PROFILE={name!r} is not one of {sorted(PROFILES)}"
+            )
+        acceleration = _raw(data, "time_acceleration")
+        if acceleration is not None and float(acceleration) != 1.0:
+            raise ValueError(f"MODE=live runs on the real clock: HYBRID_ACCELERATION={acceleration} is refused")
+        clock = current_profile()
+        if clock.name != "real" or clock.acceleration != 1.0:
+            # MODE=live or the profile came from .env or arguments: make the process clock say what the settings say.
+            os.environ["HYBRID_TIME_PROFILE"] = "real"
+        return data
+
     @model_validator(mode="after")
     def _endpoints_follow_mode(self) -> CommonSettings:
         """In ``sim`` mode an endpoint pointing at a real service is refused; unset ones go to the simulators."""
         defaults = {
-            "vast_url": _local("sim.vast"),
-            "upstream_url": _local("sim.upstream", "/v1"),
-            "dapi_admin_url": _local("sim.dapi.admin"),
-            "dapi_public_url": _local("sim.dapi.public"),
-            "dapi_callback_url": _local("sim.dapi.callback"),
+            "vast_url": self.sim_vast_url,
+            "upstream_url": self.sim_upstream_url,
+            "dapi_admin_url": self.sim_dapi_admin_url,
+            "dapi_public_url": self.sim_dapi_public_url,
+            "dapi_callback_url": self.sim_dapi_callback_url,
         }
         for name, default in defaults.items():
-            value = getattr(self, name)
+            value, source = getattr(self, name), name
             if value is None:
                 if self.mode == "live" and name in REAL_ENDPOINTS:
                     value = REAL_ENDPOINTS[name]
                 elif self.mode == "live":
                     raise ValueError(f"MODE=live needs {name.upper()} to be set")
                 else:
-                    value = default
-            elif self.mode == "sim" and any(value.startswith(real) for real in REAL_ENDPOINTS.values()):
-                raise ValueError(f"MODE=sim refuses a real endpoint for {name}: {value!r} (set MODE=live to use it)")
+                    value, source = default, f"sim_{name}"
+            if self.mode == "sim" and any(value.startswith(real) for real in REAL_ENDPOINTS.values()):
+                raise ValueError(f"MODE=sim refuses a real endpoint for {source}: {value!r} (set MODE=live to use it)")
             object.__setattr__(self, name, value.rstrip("/"))
         return self
 

@@ -39,6 +39,9 @@ class Provision(Command):
     start_stopped: bool = Field(default=False, description="pre-pull with target_state=stopped, start on command")
     offer_filter: OfferFilter | None = None
     image: str | None = Field(default=None, description="override the profile's image (DOCKER_IMAGE)")
+    disk_gb: float | None = Field(
+        default=None, ge=8, description="override the profile's disk in GB (Vast's minimum is 8; offers must have it)"
+    )
     env: dict[str, str] = Field(default_factory=dict)
 
 
