@@ -120,6 +120,14 @@ def _post_json(url: str, body: dict[str, Any]) -> Any:
         return json.loads(r.read())
 
 
+def _long_job(txt2img: dict[str, Any]) -> dict[str, Any]:
+    """A job that samples for well over a minute under the test profile (10,000 steps of a 2048x2048 latent, which
+    still fits a 16 GB card), so a Ctrl-C sent once it runs always lands mid-run, however loaded the machine is.
+    (10,000 steps at 512x512 take only ~11 s: a loaded CI machine sent its Ctrl-C after the job had finished.)"""
+    latent = {**txt2img["5"], "inputs": {**txt2img["5"]["inputs"], "width": 2048, "height": 2048}}
+    return {**txt2img, "3": {**txt2img["3"], "inputs": {**txt2img["3"]["inputs"], "steps": 10000}}, "5": latent}
+
+
 def _keypair(path: Path) -> Path:
     key = asyncssh.generate_private_key("ssh-ed25519")
     key.write_private_key(str(path))
@@ -306,9 +314,7 @@ def test_usual_failures_each_give_a_clear_error(world: World, home: Path, tmp_pa
 
     # Ctrl-C during exec stops the job on the GPU too, and says the instance keeps running.
     endless = tmp_path / "endless.json"
-    endless.write_text(
-        json.dumps({**txt2img, "3": {**txt2img["3"], "inputs": {**txt2img["3"]["inputs"], "steps": 10000}}})
-    )
+    endless.write_text(json.dumps(_long_job(txt2img)))
     stopped = run(endless)
     assert _until(lambda: bool(_get_json(f"{url}/queue")["queue_running"]), 60), world.finish(stopped).err
     stopped.send_signal(signal.SIGINT)
@@ -338,10 +344,7 @@ def test_oneshot_leaves_nothing_billing_on_success_failure_and_interrupt(
     txt2img = json.loads((EXAMPLES / "txt2img.api.json").read_text())
     failing, long = tmp_path / "failing.json", tmp_path / "long.json"
     failing.write_text(json.dumps({**txt2img, "4": {**txt2img["4"], "inputs": {"ckpt_name": "missing.safetensors"}}}))
-    # ~12 s of sampling under the test profile: long enough to be interrupted mid-run.
-    long.write_text(
-        json.dumps({**txt2img, "3": {**txt2img["3"], "inputs": {**txt2img["3"]["inputs"], "steps": 10000}}})
-    )
+    long.write_text(json.dumps(_long_job(txt2img)))
 
     def oneshot(workflow: Path, name: str) -> subprocess.Popen[str]:
         out = str(tmp_path / name)

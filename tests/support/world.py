@@ -731,9 +731,10 @@ def assert_callbacks_relayed(ev: Evidence, indexes: Iterable[int], *, from_mlnod
         assert relayed.get("forwarded", 0) == relayed["accepted"], (ev.name, index, relayed)
         got_here = dapi_batches(ev, e["poc_start"])
         assert got_here.get("accepted", 0) == relayed["forwarded"], (ev.name, index, got_here, relayed)
-        got = e["batches"]
-        for kind in ("generated", "validated"):
-            assert got[kind]["out_of_window"] == 0 and got[kind]["rejected"] == 0, (ev.name, index, got)
+        # This PoC's own batches, generated and validated: none out of window, rejected or duplicate. (The epoch's
+        # totals in the report also hold a confirmation PoC's batches, whose last ones may land after its one-second
+        # window: test_e2e_faults judges those against their own stage.)
+        assert set(got_here) == {"accepted"}, (ev.name, index, got_here, e["batches"])
         if index in mlnode:
             sent = ev.notes.get("delivered", {}).get(index)
             assert sent is not None, (ev.name, index, "the MLNode's counters were not read before the release")

@@ -180,7 +180,7 @@ class CallbackServer:
         """(epoch record, is the active confirmation PoC, is a known stage height)."""
         event = self.chain.active_event
         if event is not None and stage_height == event.trigger_height:
-            return self.chain.latest, True, True
+            return self.chain.record_of(event), True, True
         if isinstance(stage_height, int):
             rec = self.chain.record_for_stage(stage_height)
             if rec is not None:
@@ -280,19 +280,22 @@ class CallbackServer:
         raw = request.match_info.get("model_id")
         return unquote(raw) if raw is not None else None  # the router decoded once, the dapi once more
 
-    def _generation_open(self) -> tuple[bool, bool]:
-        """(accepting generated artifacts now, for a confirmation PoC)."""
+    def _generation_stages(self) -> dict[int, bool]:
+        """The stage heights whose generated artifacts are taken now → whether it is the confirmation PoC.
+
+        The epoch's PoC while it generates (or winds down inside the exchange window); an active confirmation
+        PoC from G to its exchange end. The event belongs to the epoch that triggered it, so its window holds
+        even after a late manual trigger has run it into the next epoch's PoC (gonka-protocol.md §8)."""
         ctx = self.chain.context()
         h = self.chain.height
         phase = ctx.phase(h)
-        if phase == POC_GENERATE:
-            return True, False
-        if phase == POC_GENERATE_WIND_DOWN:
-            return ctx.in_exchange_window(h), False
+        stages: dict[int, bool] = {}
+        if phase == POC_GENERATE or (phase == POC_GENERATE_WIND_DOWN and ctx.in_exchange_window(h)):
+            stages[ctx.poc_start] = False
         event = self.chain.active_event
-        if phase == INFERENCE and event is not None and event.phase == CPOC_GENERATION:
-            return event.in_batch_window(h, self.params.epoch), True
-        return False, False
+        if event is not None and event.phase == CPOC_GENERATION and event.in_batch_window(h, self.params.epoch):
+            stages[event.trigger_height] = True
+        return stages
 
     async def v2_generated(self, request: web.Request) -> web.Response:
         model_id = self._model_from_path(request)
@@ -306,15 +309,17 @@ class CallbackServer:
                 {"message": "Unmarshal type error: expected=[]mlnodeclient.ArtifactV2, got=object, field=artifacts"},
                 400,
             )
-        open_, confirmation = self._generation_open()
+        stages = self._generation_stages()
+        stage = body.get("block_height")
+        confirmation = isinstance(stage, int) and stages.get(stage, False)
         event = self.chain.active_event
-        stage = event.trigger_height if confirmation and event is not None else self.chain.context().poc_start
+        record = self.chain.record_of(event) if confirmation and event is not None else self.chain.latest
         node = self._node(body)
         a = _Arrival(
             "generated",
             "v2",
             body,
-            self.chain.latest,
+            record,
             len(artifacts),
             confirmation,
             self.chain.height,
@@ -322,10 +327,10 @@ class CallbackServer:
             node_id=node.config.id if node else None,
             sample=[x["nonce"] for x in artifacts[:3] if isinstance(x, dict) and isinstance(x.get("nonce"), int)],
         )
-        if not open_:
+        if not stages:
             self._log(a, "out_of_window", "503: not in PoC generate phase")
             return _error("not in PoC generate phase", 503)
-        if body.get("block_height") != stage:
+        if not isinstance(stage, int) or stage not in stages:
             self._log(a, "rejected", "400: block_height is not the active PoC stage")
             return _error("block_height is not the active PoC stage", 400)
         if node is None:
@@ -370,9 +375,15 @@ class CallbackServer:
         ctx = self.chain.context()
         phase = ctx.phase(self.chain.height)
         event = self.chain.active_event
-        confirmation = phase == INFERENCE and event is not None and event.phase == CPOC_VALIDATION
+        confirmation = (
+            event is not None
+            and event.phase == CPOC_VALIDATION
+            # In the inference phase the dapi takes any validation while the event validates; once a late event
+            # has run into the next epoch's PoC, those naming its trigger height are still its (§8).
+            and (phase == INFERENCE or body.get("block_height") == event.trigger_height)
+        )
         open_ = phase in (POC_VALIDATE, POC_VALIDATE_WIND_DOWN) or confirmation
-        record = self.chain.latest
+        record = self.chain.record_of(event) if confirmation and event is not None else self.chain.latest
         request_id = body.get("request_id")
         validator = self.driver.pending_validations.get(str(request_id)) or record.validator_keys.get(
             str(body.get("public_key", ""))

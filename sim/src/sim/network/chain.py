@@ -180,6 +180,15 @@ class Chain:
                 return rec
         return None
 
+    def record_of(self, event: ConfirmationEvent) -> EpochRecord:
+        """The epoch a confirmation PoC belongs to: the one it was triggered in (gonka-protocol.md §8), even
+        once the chain has moved into the next epoch while the event still runs."""
+        for rec in reversed(self.epochs):
+            if rec.index == event.epoch_index:
+                return rec
+        # Unreachable while events last less than an epoch and KEEP_EPOCHS records are kept.
+        raise LookupError(f"epoch {event.epoch_index} of confirmation PoC {event.trigger_height} is not kept")
+
     def seen_before(self, key: str) -> bool:
         if key in self._seen_batches:
             return True

@@ -8,6 +8,10 @@ the draw is a pure function of (seed, epoch, height), so a run is reproducible. 
 starts at G = T + max(inference_validation_cutoff, 1), phases GRACE_PERIOD → GENERATION → VALIDATION →
 COMPLETED. At completion the confirmation weight is compared with the epoch's weight: ratio =
 min(confirmed / expected / 0.909, 1); below ``alpha_threshold`` the participant would be INACTIVE.
+
+An event belongs to the epoch it was triggered in. The random window ends well before the next PoC, but a
+manual one fired late runs on into the next epoch: its batches still count for it inside its own window,
+and it is completed and reported under its own epoch, measured against that epoch's weight.
 """
 
 from __future__ import annotations
@@ -85,8 +89,9 @@ class ConfirmationPoC:
             phase=CPOC_GRACE_PERIOD,
         )
         chain.active_event = event
-        chain.latest.nonces.setdefault(height, {})
-        chain.latest.confirmation_events.append(
+        record = chain.record_of(event)
+        record.nonces.setdefault(height, {})
+        record.confirmation_events.append(
             {
                 **event.as_proto(self.params.epoch),
                 "cause": cause,
@@ -100,14 +105,17 @@ class ConfirmationPoC:
         )
 
     def _report(self, event: ConfirmationEvent) -> dict[str, Any]:
+        # Under the epoch that triggered the event, not the latest one: an event triggered late in an epoch
+        # runs on into the next (gonka-protocol.md §8 timeline) and is still that epoch's event.
         item: dict[str, Any]
-        for item in reversed(self.chain.latest.confirmation_events):
+        for item in reversed(self.chain.record_of(event).confirmation_events):
             if item["trigger_height"] == event.trigger_height:
                 return item
         return {}
 
     def _complete(self, event: ConfirmationEvent, height: int) -> None:
-        record = self.chain.latest
+        # The nonces stored for the event and the weight it is measured against are its own epoch's.
+        record = self.chain.record_of(event)
         stored = record.nonces.get(event.trigger_height, {})
         per_node = {node_id: len(nonces) for node_id, nonces in sorted(stored.items())}
         confirmed = sum(per_node.values())
