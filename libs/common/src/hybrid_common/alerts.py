@@ -6,6 +6,11 @@ webhooks read ``content``, each ignores the other. Alerted: failed rentals (``in
 budget blocks, orphans destroyed, FAILED nodes, missed registrations (``job.failed`` with ``deadline_missed`` or
 ``registration_failed``), dead-lettered callbacks, confirmation PoCs and the services' own ``alert.raised``.
 
+Severity of ``job.failed``: critical, except a standby pre-pull (``standby``) that gave up because the market had no
+machine left for it or a budget/credit cap refused it — a warning. The scheduler pre-pulls several spares per slot and
+falls back to fresh rentals, so a healthy epoch routinely ends some spares that way; the slot's own rental failing,
+a missed deadline and a budget block (its ``budget.blocked`` event) still page.
+
 Delivery: a few quick retries with backoff inside the handler; if the webhook still fails the handler raises, so the
 bus retries the message and finally dead-letters it to ``alerts.dead`` (reliability.md: never lose an event
 silently). Several replicas may share the queue: the bus's idempotency by envelope id posts each alert once.
@@ -50,6 +55,14 @@ ALERTS_QUEUE: Final[QueueSpec] = next(s for s in SUBSCRIPTIONS if s.name == "ale
 # Discord refuses content over 2000 characters; Slack truncates long text anyway.
 MAX_TEXT: Final = 1900
 MISSED_REGISTRATION = {FailureCause.DEADLINE_MISSED, FailureCause.REGISTRATION_FAILED}
+# Why a spare may end without a rental: nothing fits (or the one that did was taken first), or a cap refused it —
+# which ``budget.blocked`` has already reported as critical. No instance failed and no money went.
+SPARE_NOT_RENTED = {
+    FailureCause.NO_OFFERS,
+    FailureCause.OFFER_GONE,
+    FailureCause.BUDGET,
+    FailureCause.INSUFFICIENT_CREDIT,
+}
 
 SENT = counter("alerts_sent_total", "alert webhook posts by outcome", ("outcome",))
 
@@ -81,6 +94,8 @@ def _instance_failed(p: InstanceFailed) -> Alert:
 def _job_failed(p: JobFailed) -> Alert:
     if p.cause in MISSED_REGISTRATION:
         return Alert("critical", f"missed registration for slot {p.slot_id}: {p.cause.value}", p.message)
+    if p.standby and p.cause in SPARE_NOT_RENTED:
+        return Alert("warning", f"standby pre-pull not rented for slot {p.slot_id}: {p.cause.value}", p.message)
     return Alert("critical", f"rental gave up for slot {p.slot_id}: {p.cause.value}", p.message)
 
 

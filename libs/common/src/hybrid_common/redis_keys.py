@@ -95,6 +95,13 @@ KEY_TABLE: Final[tuple[KeySpec, ...]] = (
         " release/start requests, label seq",
     ),
     KeySpec(
+        "offer:claim:{offer_id}",
+        "provisioner (the job about to create on the offer)",
+        "provisioner replicas",
+        "60 s TTL",
+        "job_id renting this Vast offer now: other jobs take the next offer instead of racing it to a 410",
+    ),
+    KeySpec(
         "gateway:ports",
         "provisioner",
         "proxy",
@@ -186,6 +193,9 @@ class RedisKeys:
 
     def slot(self, slot_id: str) -> str:
         return self._k("slot", slot_id)
+
+    def offer_claim(self, offer_id: int) -> str:
+        return self._k("offer", "claim", offer_id)
 
     def gateway_ports(self) -> str:
         return self._k("gateway", "ports")

@@ -107,6 +107,7 @@ class CommandHandlers:
                         slot_id=slot,
                         cause=FailureCause.API_ERROR,
                         message=f"unknown profile {cmd.profile!r}; known: {', '.join(sorted(self.profiles))}",
+                        standby=cmd.start_stopped,
                     ),
                     correlation_id=correlation,
                     causation_id=str(env.id),

@@ -259,6 +259,10 @@ class JobFailed(Event):
     slot_id: SlotId
     cause: FailureCause
     message: str
+    standby: bool = Field(
+        default=False,
+        description="a standby pre-pull (start_stopped) that was never started: a spare, not the slot's rental",
+    )
 
 
 class BudgetBlocked(Event):

@@ -56,6 +56,10 @@ log = logging.getLogger("hybrid.provisioner.job")
 LABEL_LOOKUPS = 2  # a create intent with no instance under its label after this many looks did not happen
 CREATE_RATE_LIMIT_RETRIES = 8
 ATTEMPTS_PER_CREATE = 4  # offer-gone and refused creates allowed per instance of the budget
+# How long a job's claim on an offer keeps other jobs off it (redis_keys "offer:claim"): it must outlast the checks
+# between choosing the offer and recording the create intent; from then on the intent's track excludes the offer, and
+# once the create succeeds Vast lists the offer as rented.
+OFFER_CLAIM_TTL = 60.0
 
 
 class LeaseLost(RuntimeError):
@@ -127,13 +131,21 @@ class JobDriver:
         return profile
 
     async def deadline(self) -> float | None:
-        if self.job.deadline is not None:
-            return self.job.deadline
-        if self.job.deadline_height is not None:
-            view = await self.d.chain.current()
-            if view is not None:
-                return view.height_to_time(self.job.deadline_height)
-        return None
+        """The wall time of poc_start. ``deadline`` is the scheduler's estimate when it sent the command, but the
+        window opens at a *height* (gonka-protocol.md §5): once that time has passed while the chain view the
+        scheduler publishes is still below ``deadline_height`` (a halted or slow chain), the deadline follows the
+        chain — it stays at least the remaining blocks ahead of now, so the job is not missed before its window."""
+        job = self.job
+        if job.deadline_height is None or (job.deadline is not None and self.now() <= job.deadline):
+            return job.deadline
+        view = await self.d.chain.current()
+        if view is None:
+            return job.deadline
+        estimate = view.height_to_time(job.deadline_height)
+        remaining = job.deadline_height - view.block_height
+        if remaining > 0:
+            estimate = max(estimate, self.now() + remaining * view.block_seconds)
+        return estimate if job.deadline is None else max(job.deadline, estimate)
 
     # ------------------------------------------------------------------ main loop
 
@@ -297,7 +309,13 @@ class JobDriver:
                 FailureCause.NO_OFFERS, f"no offer fits profile {profile.name} (excluded {policy.exclude_machine_ids})"
             )
             return
-        offer = offers[0]
+        offer = await self.claim_offer(offers)
+        if offer is None:
+            # Every fitting offer is being rented by another job right now (vastai-api.md: a second create on it
+            # only gets a 410). Each claim ends in a rental, after which the offer is no longer listed, or lapses:
+            # look again next tick.
+            self.log.debug("all %d fitting offers are claimed by other jobs; waiting", len(offers))
+            return
         deadline = await self.deadline()
         verdict = await self.d.budget.check(offer.dph_total, deadline, job.epoch_index, await self.d.store.all())
         if verdict is not None:
@@ -311,6 +329,7 @@ class JobDriver:
                     estimated_usd=verdict.estimated_usd,
                 )
             )
+            await self.d.store.drop_offer_claim(offer.id, job.job_id)
             if hedge:
                 job.hedged = True
                 await self.commit()
@@ -330,9 +349,13 @@ class JobDriver:
             self.emit(
                 BudgetBlocked(job_id=job.job_id, scope="credit", cap_usd=credit, spent_usd=0.0, estimated_usd=estimate)
             )
+            await self.d.store.drop_offer_claim(offer.id, job.job_id)
             await self.fail(FailureCause.INSUFFICIENT_CREDIT, f"credit ${credit:.2f} < estimated ${estimate:.2f}")
             return
         self.hook("offer")
+        if not await self.d.store.claim_offer(offer.id, job.job_id, OFFER_CLAIM_TTL):
+            self.log.warning("the claim on offer %d lapsed during the checks and another job took it", offer.id)
+            return
         epoch_tag = str(job.epoch_index) if job.epoch_index is not None else "m"
         seq = await self.d.store.next_label_seq(job.slot_id, epoch_tag)
         label = f"{self.s.label_prefix}-{job.slot_id}-{epoch_tag}" + (f"-{seq}" if seq > 1 else "")
@@ -355,6 +378,13 @@ class JobDriver:
         await self.commit()  # the intent: a successor finds the instance by this label
         self.hook("creating")
         await self.create(track, offer)
+
+    async def claim_offer(self, offers: list[Offer]) -> Offer | None:
+        """The cheapest of ``offers`` no other job is creating on, claimed for this job; None if all are claimed."""
+        for offer in offers:
+            if await self.d.store.claim_offer(offer.id, self.job.job_id, OFFER_CLAIM_TTL):
+                return offer
+        return None
 
     def create_payload(self, label: str) -> dict[str, Any]:
         job, profile = self.job, self.profile
@@ -382,7 +412,7 @@ class JobDriver:
             "runtype": profile.runtype,
             "args": profile.args,
         }
-        if job.start_stopped and job.start_requested_at is None:
+        if job.prepull:
             payload["target_state"] = "stopped"
         return payload
 
@@ -457,7 +487,7 @@ class JobDriver:
                 dph_total=track.dph_total,
                 label=track.label,
                 hedge=track.hedge,
-                stopped=self.job.start_stopped and self.job.start_requested_at is None,
+                stopped=self.job.prepull,
             )
         )
         await self.d.store.set_slot(self.job.slot_id, instance=str(instance_id))
@@ -544,7 +574,7 @@ class JobDriver:
         if sig != track.last_status:
             track.last_status = sig
             track.status_changed_at = now
-        expect_stopped = self.job.start_stopped and self.job.start_requested_at is None
+        expect_stopped = self.job.prepull
         if (
             self.job.start_requested_at is not None
             and track.state == TrackState.LOADING
@@ -763,6 +793,8 @@ class JobDriver:
             self.hook("destroying")
             track.destroyed_at = self.now()
             track.state = TrackState.DESTROYED
+            # The GPU is free again: other jobs need not wait out our claim on its offer.
+            await self.d.store.drop_offer_claim(track.offer_id, self.job.job_id)
         cost = await self.d.ledger.finalise(self.job, track)
         track.booked = True
         metrics.SPEND.inc(cost.usd)
@@ -797,7 +829,13 @@ class JobDriver:
         job.ended_at = self.now()
         failure_ = job.failure or Failure(cause=FailureCause.API_ERROR, message="failed")
         self.emit(
-            JobFailed(job_id=job.job_id, slot_id=job.slot_id, cause=failure_.cause, message=failure_.message[:2000])
+            JobFailed(
+                job_id=job.job_id,
+                slot_id=job.slot_id,
+                cause=failure_.cause,
+                message=failure_.message[:2000],
+                standby=job.prepull,
+            )
         )
         await self.commit()
 

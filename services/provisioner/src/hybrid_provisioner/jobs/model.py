@@ -168,6 +168,11 @@ class Job(BaseModel):
     def terminal(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def prepull(self) -> bool:
+        """A standby pre-pull not started yet: its instance is created (or kept) stopped."""
+        return self.start_stopped and self.start_requested_at is None
+
     def live_tracks(self) -> list[Track]:
         return [t for t in self.tracks if t.live]
 

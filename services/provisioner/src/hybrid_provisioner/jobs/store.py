@@ -12,6 +12,8 @@
   never registered, the pair goes back to the pool in the same script that drops the claim; the proxy's node front
   closes its listeners when the entry disappears. Every epoch makes new slot ids: without this a fixed range runs
   out within a few epochs. Allocation and freeing are Lua scripts, so replicas never hand one pair out twice.
+- ``offer:claim:<offer_id>``: the job about to create on that offer (TTL): two jobs never send a create for one
+  offer at once — the second would only get a 410 (vastai-api.md) — so the others take the next offer.
 - ``idempotency:<key>``: a provision or release already applied.
 """
 
@@ -105,6 +107,23 @@ while p + 1 <= last do
   p = p + 2
 end
 return false
+"""
+
+
+# KEYS: offer:claim:<id>; ARGV: job_id, ttl ms. Take a free claim or renew our own; 0 when another job holds it.
+_CLAIM_OFFER = """
+local cur = redis.call('GET', KEYS[1])
+if (not cur) or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: offer:claim:<id>; ARGV: job_id. Drop the claim only if it is still ours.
+_DROP_OFFER_CLAIM = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 
@@ -228,6 +247,16 @@ class JobStore:
     async def start_request(self, slot_id: str) -> float | None:
         raw = await self.redis.hget(self.keys.slot(slot_id), "start")
         return float(raw) if raw else None
+
+    # ---- offer claims
+
+    async def claim_offer(self, offer_id: int, job_id: str, ttl: float) -> bool:
+        """``job_id`` may create on ``offer_id`` for the next ``ttl`` seconds (renewed if it already held it)."""
+        ok = await self.redis.eval(_CLAIM_OFFER, 1, self.keys.offer_claim(offer_id), job_id, int(ttl * 1000))
+        return bool(ok)
+
+    async def drop_offer_claim(self, offer_id: int, job_id: str) -> None:
+        await self.redis.eval(_DROP_OFFER_CLAIM, 1, self.keys.offer_claim(offer_id), job_id)
 
     # ---- gateway ports
 
