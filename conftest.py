@@ -101,6 +101,7 @@ _FILE_SECONDS = {
     "test_e2e_faults.py": 180,
     "test_e2e_epochs.py": 150,
     "test_operator_run.py": 160,
+    "test_scheduler_halt.py": 135,
     "test_operator_cli.py": 105,
     "test_scheduler_epochs.py": 108,
     "test_scheduler_plan.py": 90,

@@ -254,9 +254,9 @@ class World:
         """Start every part, the epoch timeline beginning once the system is up.
 
         A cold start of a dozen Python processes on a shared 2-core machine takes seconds of CPU, so the dapi's chain
-        is paused while the others start, and resumed before the scheduler starts (the scheduler measures the block
-        time: a chain that stood still while it watched would skew its clock, as after a real chain halt). The proxy
-        starts after the provisioner: it registers its node at once and the dapi polls it from then on.
+        is paused while the others start, and resumed once all are up: the scheduler, started last, watches the chain
+        stand still and resume, as after a real chain halt (its deadlines follow the heights still to come). The
+        proxy starts after the provisioner: it registers its node at once and the dapi polls it from then on.
 
         The dapi's state-poll timeout is the test profile's scaled 5 s, floored at one wall second: a process starved
         of CPU by its neighbours misses that and is marked FAILED. The processes here are not accelerated, so the
@@ -278,8 +278,6 @@ class World:
         order = [n for n in self.parts if n not in ("proxy", "scheduler")] + ["proxy", "scheduler"]
         for name in order:
             part = self.parts[name]
-            if name == "scheduler":
-                self._post(f"{self.dapi_url}/_sim/clock/resume")
             part.proc = self._process(part).start()
             if name == "sim dapi":
                 self._post(f"{self.dapi_url}/_sim/clock/pause")
@@ -287,6 +285,9 @@ class World:
             if name == "provisioner":
                 for _ in range(self.provisioner_count - 1):
                     self.add_provisioner()
+        # The scheduler has no port: its first chain view in Redis says it is watching the stopped chain.
+        wait_for(lambda: self.redis().exists(f"{self.namespace}:chain:view"), 90, f"[{self.name}] the scheduler's view")
+        self._post(f"{self.dapi_url}/_sim/clock/resume")
 
     def _stop_parts(self) -> None:
         for proc in [*self.replicas, *(p.proc for p in reversed(self.parts.values()) if p.proc is not None)]:
