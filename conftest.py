@@ -109,6 +109,7 @@ _FILE_SECONDS = {
     "test_provisioner_lifecycle.py": 50,
     "test_comfy_cli.py": 45,
     "test_scheduler_faults.py": 42,
+    "test_scheduler_missed.py": 38,
     "test_provisioner_replicas.py": 39,
     "test_provisioner_faults.py": 36,
     "test_node_front_poc.py": 36,

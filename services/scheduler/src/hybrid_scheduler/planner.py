@@ -181,9 +181,15 @@ class Planner:
     def deadline(t: Tick, poc_start: int) -> float:
         """The wall time of ``poc_start``: the measured clock's estimate, but never earlier than the blocks still to
         come allow — a stalled chain (no new height for a while) pushes the deadline out instead of letting the
-        estimate slide into the past and declare a window missed that has not even begun."""
+        estimate slide into the past and declare a window missed that has not even begun.
+
+        The window opens at a height (gonka-protocol.md §5): while the last view is below it, the next block comes
+        no earlier than now and each further one a block time later. From *now*, not from when the view was read: a
+        view that went stale (the dapi down through a halt) would otherwise date the floor back by its age. One block
+        less than the remaining ones, as the next may be due this instant: on a chain that keeps time the floor stays
+        at or below the measured estimate, which then decides."""
         remaining = poc_start - t.view.block_height
-        floor = t.view.observed_at + (remaining - 1) * t.clock.block_seconds if remaining > 0 else float("-inf")
+        floor = t.now + (remaining - 1) * t.clock.block_seconds if remaining > 0 else float("-inf")
         return max(t.clock.time_of(poc_start), floor)
 
     def _refresh_window(self, campaign: Campaign, t: Tick, heights: PocWindowHeights) -> None:
@@ -245,8 +251,12 @@ class Planner:
         )
         standby, fresh = self.stats(t.history, campaign.profile)
         samples: list[BootSample] = []
+        missed_before: set[int] = set()
 
         def change(c: Campaign) -> None:
+            # From the copy being changed (re-read on every retry), so a slot missed before is never alerted twice.
+            missed_before.clear()
+            missed_before.update(c.missed_slots)
             if heights is not None:
                 self._refresh_window(c, t, heights)
             if replan and generation is not None:
@@ -273,7 +283,21 @@ class Planner:
             ):
                 self._release_all(c, t, f"end of PoC validation passed (height {view.block_height})")
 
-        return await self._update(campaign.key, change, t, samples)
+        updated = await self._update(campaign.key, change, t, samples)
+        # A slot with nothing registered at poc_start earns no weight this epoch: the operator is paged. Its candidates
+        # are dropped before the provisioner's own deadline_missed could fire, so no job.failed says it.
+        if updated is None:
+            return None
+        poc_start = updated.window.poc_start if updated.window is not None else "?"
+        for slot in set(updated.missed_slots) - missed_before:
+            await self._alert(
+                "critical",
+                f"epoch {updated.epoch_index}: slot {slot} missed its PoC window (missed registration)",
+                f"nothing of {updated.key} slot {slot} was registered by poc_start {poc_start}: "
+                "this slot earns no weight this epoch",
+                "poc.window_planned",
+            )
+        return updated
 
     def _decide_slot(
         self,
