@@ -29,7 +29,8 @@ LIVE_ENDPOINTS = {
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """No mode or clock in the environment, and whatever a test (or the settings) puts there undone afterwards:
     setenv-then-delenv records each name, so monkeypatch restores it even when it was absent."""
-    for name in ("MODE", "HYBRID_MODE", "HYBRID_TIME_PROFILE", "HYBRID_ACCELERATION", "HYBRID_BLOCK_SECONDS"):
+    names = ("MODE", "HYBRID_MODE", "HYBRID_TIME_PROFILE", "HYBRID_TIME_PROFILE_SIM", "HYBRID_ACCELERATION")
+    for name in (*names, "HYBRID_BLOCK_SECONDS"):
         monkeypatch.setenv(name, "x")
         monkeypatch.delenv(name)
     yield monkeypatch
@@ -92,6 +93,19 @@ def test_the_simulated_world_keeps_its_accelerated_clocks(clean_env: pytest.Monk
     assert ProvisionerSettings(_env_file=None).tick == 0.05  # 1 s / 60, floored
     clean_env.setenv("HYBRID_TIME_PROFILE", "demo")
     assert CommonSettings(_env_file=None).time_profile == "demo" and current_profile().acceleration == 40.0
+
+
+def test_compose_runs_services_on_the_simulators_clock_in_sim_and_on_the_real_one_live(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """docker-compose.yml leaves HYBRID_TIME_PROFILE empty and gives every container HYBRID_TIME_PROFILE_SIM=demo: a
+    service on the real clock against the demo-speed simulators would plan real lead times into two-minute epochs."""
+    clean_env.setenv("HYBRID_TIME_PROFILE", "")
+    clean_env.setenv("HYBRID_TIME_PROFILE_SIM", "demo")
+    assert current_profile().name == "demo"
+    _live(clean_env)
+    ProvisionerSettings(_env_file=None)
+    assert current_profile().name == "real"
 
 
 def test_make_run_plans_live_on_the_real_clock(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -99,11 +99,15 @@ PROFILES: Final[dict[str, TimeProfile]] = {p.name: p for p in (REAL, TEST, DEMO)
 
 
 def current_profile() -> TimeProfile:
-    """The profile named by ``HYBRID_TIME_PROFILE`` (default ``real`` with ``MODE=live``, else ``test``; empty = unset),
-    optionally re-accelerated by ``HYBRID_ACCELERATION`` and re-clocked by ``HYBRID_BLOCK_SECONDS``.
-    ``CommonSettings`` refuses any other than ``real`` in ``MODE=live``."""
+    """The profile named by ``HYBRID_TIME_PROFILE`` (empty = unset), optionally re-accelerated by
+    ``HYBRID_ACCELERATION`` and re-clocked by ``HYBRID_BLOCK_SECONDS``. Unset: ``real`` with ``MODE=live``; otherwise
+    the simulators' ``HYBRID_TIME_PROFILE_SIM`` when set (compose gives both the same one, so services and the
+    simulated world run on one clock), else ``test``. ``CommonSettings`` refuses any other than ``real`` in
+    ``MODE=live``."""
     live = (os.environ.get("MODE") or os.environ.get("HYBRID_MODE")) == "live"
-    name = os.environ.get("HYBRID_TIME_PROFILE") or ("real" if live else "test")
+    name = os.environ.get("HYBRID_TIME_PROFILE") or (
+        "real" if live else os.environ.get("HYBRID_TIME_PROFILE_SIM") or "test"
+    )
     try:
         profile = PROFILES[name]
     except KeyError:
