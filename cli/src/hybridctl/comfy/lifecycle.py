@@ -3,7 +3,8 @@
 ``create`` publishes a ``provision`` of the ``comfyui`` profile (or the config's ``profile``) for a slot of its own (no
 dapi registration) and follows the provisioner's events on a private, auto-deleted queue until ``instance.ready`` (or a
 final failure); ``instance.reachable`` carries the SSH details the local tunnel needs. ``release`` publishes a
-``release`` of the slot and waits for the provisioner's ``job.completed`` (every instance of the slot destroyed).
+``release`` of the slot and waits for the provisioner's ``job.completed`` (every instance of the slot destroyed), or
+for the slot record to say its job has ended already.
 """
 
 from __future__ import annotations
@@ -231,10 +232,38 @@ async def release(settings: CommonSettings, slot_id: str, *, confirm_within: flo
                 reason="comfy destroy",
             )
         )
+        # The provisioner may have ended the job already (the instance failed, or an earlier release): then no event
+        # comes, but the slot record says so — no job on it, its state "released" or "failed", which the provisioner
+        # writes only after destroying the slot's instances.
+        watcher = asyncio.create_task(_slot_ended(settings, slot_id, over))
         try:
             await asyncio.wait_for(over.wait(), confirm_within)
         except TimeoutError:
             return False
+        finally:
+            watcher.cancel()
         return True
     finally:
         await conn.close()
+
+
+async def _slot_ended(settings: CommonSettings, slot_id: str, over: asyncio.Event) -> None:
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+
+    from hybrid_common.redis_keys import RedisKeys
+
+    key = RedisKeys(settings.namespace).slot(slot_id)
+    redis = Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        while not over.is_set():
+            try:
+                record = await redis.hgetall(key)
+            except RedisError:
+                record = {}  # Redis away: the event may still come
+            if record.get(b"state") in (b"released", b"failed") and b"job" not in record:
+                over.set()
+                return
+            await asyncio.sleep(1.0)
+    finally:
+        await redis.aclose()
