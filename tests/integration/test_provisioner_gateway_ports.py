@@ -24,8 +24,8 @@ from redis.asyncio import Redis
 
 from hybrid_common.bus import Publisher, connect
 from hybrid_common.messages.commands import Provision, Release
-from hybrid_common.messages.domain import PortMap
-from hybrid_common.messages.events import InstanceReachable, JobCompleted, JobFailed, NodeRegistered
+from hybrid_common.messages.domain import PocWindowHeights, PortMap
+from hybrid_common.messages.events import EpochObserved, InstanceReachable, JobCompleted, JobFailed, NodeRegistered
 from hybrid_common.redis_keys import RedisKeys
 from hybrid_common.topology import Topology
 from hybrid_provisioner.jobs.store import JobStore
@@ -279,3 +279,80 @@ async def test_one_pair_serves_slot_after_slot_through_the_real_provisioner(
 
 async def _absent(redis: Redis, table: str, slot: str) -> bool:
     return not await redis.hexists(table, slot)
+
+
+async def _view_epoch(redis: Redis, namespace: str, epoch: int) -> None:
+    """The scheduler's chain view in Redis (what every provisioner replica reads), saying the chain is in ``epoch``."""
+    window = PocWindowHeights(
+        poc_start=100,
+        generation_end=120,
+        exchange_end=124,
+        validation_start=128,
+        validation_end=147,
+        set_new_validators=163,
+        next_poc_start=340,
+    )
+    view = EpochObserved(
+        epoch_index=epoch,
+        block_height=200,
+        phase="Inference",
+        window=window,
+        block_seconds=1.0,
+        poc_v2_enabled=False,
+        mlnode_version="v3.0.8",
+        source="public",
+        stale_seconds=0,
+    )
+    await redis.set(RedisKeys(namespace).chain_view(), view.model_dump_json())
+
+
+async def test_a_node_released_with_disable_gives_its_pair_back_two_epochs_later(
+    amqp_url: str, redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """SCHEDULER_RELEASE_HOW=disable keeps the node in the dapi (gonka-protocol.md §3: the Gonka team's route for a
+    node leaving; it keeps its host+ports), so its pair stays taken; with new slot ids every epoch a fixed range would
+    drain. A node we disabled two epochs ago, whose slot no job rents, is deleted by the sweep and its pair freed —
+    not one disabled in the previous epoch, and never a node of someone else's."""
+    async with ProvisionerWorld(amqp_url, redis_url, namespace, tmp_path, boot_scale=0.2, gateway_pairs=1) as w:
+        w.start_replica()
+        slot = "poc-e1-a"
+        await w.publish(
+            Provision(idempotency_key=f"{namespace}-1", profile="mlnode-v1", slot_ids=[slot], epoch_index=1)
+        )
+        await w.wait(
+            lambda: w.events.of(NodeRegistered, slot_id=slot) or w.events.of(JobFailed, slot_id=slot), 90, "registered"
+        )
+        assert not w.events.of(JobFailed, slot_id=slot), w.events.of(JobFailed, slot_id=slot)
+        await w.publish(Release(idempotency_key=f"{namespace}-r1", slot_ids=[slot], epoch_index=1, how="disable"))
+        await w.wait(lambda: w.events.of(JobCompleted, slot_id=slot), 60, f"{slot} released")
+        node = (await w.admin_nodes())[slot]
+        assert node["state"]["admin_state"]["enabled"] is False, node["state"]
+        disabled_in = int(node["state"]["admin_state"]["epoch"])
+        table = RedisKeys(namespace).gateway_ports()
+        assert await w.redis.hexists(table, slot), "a disabled node keeps its pair"
+        # The operator's own node on the same host, disabled by hand in the same epoch: not ours to delete.
+        theirs = {**node["node"], "id": "operator-gpu", "poc_port": 40001, "inference_port": 40002}
+        theirs.pop("node_num", None)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{w.dapi.admin_url}/admin/v1/nodes", json=theirs) as r:
+                assert r.status == 200, await r.text()
+            async with http.post(f"{w.dapi.admin_url}/admin/v1/nodes/operator-gpu/disable") as r:
+                assert r.status == 200, await r.text()
+
+        # The next epoch: the node is kept (it serves until that epoch's PoC), and so is its pair.
+        await _view_epoch(w.redis, namespace, disabled_in + 1)
+        w.start_replica().wait_for_output(" up: profiles")  # a replica sweeps once at start
+        await asyncio.sleep(3)
+        assert slot in await w.admin_nodes() and await w.redis.hexists(table, slot)
+
+        # Two epochs on: that PoC and its weights are behind; the sweep deletes the node and the pair is free.
+        await _view_epoch(w.redis, namespace, disabled_in + 2)
+        w.start_replica().wait_for_output(" up: profiles")
+        await w.wait(lambda: _node_gone(w, slot), 30, f"{slot} deleted from the dapi")
+        await w.wait(lambda: _absent(w.redis, table, slot), 20, f"{slot}'s pair returned")
+        assert "operator-gpu" in await w.admin_nodes()
+        assert w.vast.ledger()["instances_live"] == 0
+
+
+async def _node_gone(w: ProvisionerWorld, slot: str) -> bool:
+    return slot not in await w.admin_nodes()

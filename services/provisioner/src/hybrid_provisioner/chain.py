@@ -22,6 +22,7 @@ class ChainView:
     mlnode_version: str | None
     poc_v2_enabled: bool | None
     observed_at: float
+    epoch_index: int | None = None
 
     def height_to_time(self, height: int, now: float | None = None) -> float:
         at = now if now is not None else time.time()
@@ -52,7 +53,9 @@ def parse_view(raw: bytes | str | dict[str, Any], now: float | None = None) -> C
         return None
     observed = _timestamp(data.get("observed_at")) or _timestamp(data.get("at")) or _timestamp(data.get("occurred_at"))
     at = observed or (now if now is not None else time.time()) - view.stale_seconds
-    return ChainView(view.block_height, view.block_seconds, view.mlnode_version, view.poc_v2_enabled, at)
+    return ChainView(
+        view.block_height, view.block_seconds, view.mlnode_version, view.poc_v2_enabled, at, view.epoch_index
+    )
 
 
 class ChainViews:
@@ -64,7 +67,9 @@ class ChainViews:
         self.latest: ChainView | None = None
 
     def observed(self, event: EpochObserved, at: float) -> None:
-        self.latest = ChainView(event.block_height, event.block_seconds, event.mlnode_version, event.poc_v2_enabled, at)
+        self.latest = ChainView(
+            event.block_height, event.block_seconds, event.mlnode_version, event.poc_v2_enabled, at, event.epoch_index
+        )
 
     async def current(self) -> ChainView | None:
         try:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+from typing import Any
 
 from hybrid_common.lease import Lease
 from hybrid_provisioner.dapi import DapiError, DapiRejected
@@ -79,22 +80,62 @@ class JobRunner:
         return more
 
     async def sweep_gateway_ports(self) -> list[str]:
-        """Return to the pool gateway pairs no job and no dapi node holds (at start, then every FORGET_EVERY)."""
+        """Return to the pool gateway pairs no job and no dapi node holds (at start, then every FORGET_EVERY).
+
+        A node released with ``how=disable`` stays in the dapi with its host and ports (gonka-protocol.md §3: unique per
+        host), so its pair stays taken; every epoch's slots are new ids, so the range would drain one pair per slot and
+        epoch. Once such a node was disabled two epochs ago or more — past the next PoC it was kept for, and that PoC's
+        weights fixed — and no job rents its slot, it is deleted here and its pair freed."""
         try:
             nodes = await self.d.dapi.nodes()
         except (DapiError, DapiRejected) as exc:
             log.info("gateway sweep skipped: the dapi node list is unavailable (%s)", exc)
             return []
         host = self.d.settings.node_front_host
+        view = await self.d.chain.current()
+        epoch = view.epoch_index if view is not None else None
         in_use: set[int] = set()
         for entry in nodes:
             node = entry.get("node") or {}
-            if node.get("host") == host:
-                in_use.update(p for p in (node.get("poc_port"), node.get("inference_port")) if isinstance(p, int))
+            if node.get("host") != host:
+                continue
+            if epoch is not None and await self._retire_disabled(node, entry.get("state") or {}, epoch):
+                continue
+            in_use.update(p for p in (node.get("poc_port"), node.get("inference_port")) if isinstance(p, int))
         freed = await self.d.store.sweep_gateway_ports(in_use)
         if freed:
             log.info("gateway sweep: %d idle slot(s) returned their pairs: %s", len(freed), ", ".join(sorted(freed)))
         return freed
+
+    async def _retire_disabled(self, node: dict[str, Any], state: dict[str, Any], epoch: int) -> bool:
+        """Delete a node we disabled two or more epochs ago whose slot no job rents; True once it is gone."""
+        admin = state.get("admin_state") or {}
+        node_id = node.get("id")
+        try:
+            disabled_in = int(admin.get("epoch", ""))  # Go renders int64 as a number or a string
+        except (TypeError, ValueError):
+            return False
+        # Go omits a false bool (omitempty): a missing "enabled" is a disabled node.
+        if admin.get("enabled") or not isinstance(node_id, str) or epoch - disabled_in < 2:
+            return False
+        slot = await self.d.store.slot(node_id)
+        if slot.get("node") != "disabled" or slot.get("job"):
+            return False  # not ours to retire: an operator's node, or a job rents the slot again
+        try:
+            deleted = await self.d.dapi.delete(node_id)
+        except (DapiError, DapiRejected) as exc:
+            log.info("disabled node %s not deleted yet: %s", node_id, exc)
+            return False
+        if not deleted:  # refused, or not answered in time: the ports stay taken until a later sweep sees it gone
+            return False
+        await self.d.store.set_slot(node_id, node="")
+        log.info(
+            "deleted node %s, disabled in epoch %d (now %d): its gateway pair is free again",
+            node_id,
+            disabled_in,
+            epoch,
+        )
+        return True
 
     async def _drive(self, job_id: str, lease: Lease) -> None:
         task = asyncio.current_task()
