@@ -26,7 +26,7 @@ import pytest
 from hybridctl.comfy.tunnels import TunnelStore, port_free, stop_keeper
 from tests.support.infra import delete_broker_objects, namespace_objects
 from tests.support.net import free_port
-from tests.support.procs import ManagedProcess
+from tests.support.procs import ManagedProcess, default_sigint
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "comfy"
 GPUS = ["RTX 4090", "RTX 3090", "RTX A6000", "A100 PCIE", "H100 SXM", "L40S"]
@@ -64,6 +64,7 @@ class World:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=default_sigint,  # the tests press Ctrl-C
         )
 
     def finish(self, proc: subprocess.Popen[str], timeout: float = 180) -> Run:

@@ -35,7 +35,7 @@ import pytest
 
 from hybrid_common.redis_keys import RedisKeys
 from tests.support.infra import delete_broker_objects, namespace_objects
-from tests.support.procs import REPO
+from tests.support.procs import REPO, default_sigint
 
 pytestmark = [pytest.mark.broker, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -230,6 +230,7 @@ def world(
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # a terminal's Ctrl-C reaches run.py alone; the test sends it by pid
+        preexec_fn=default_sigint,
     )
     w = World(proc=proc, state=state, started=time.monotonic(), redis_url=redis_url, namespace=run_namespace)
 

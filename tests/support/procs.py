@@ -16,6 +16,13 @@ from tests.support.net import wait_port
 REPO = Path(__file__).resolve().parents[2]
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a child a test interrupts with SIGINT (Ctrl-C). A suite started in the background by a
+    shell without job control (``.ci/run &``, as CI may) inherits SIGINT *ignored*; an ignored signal stays ignored
+    across exec, and Python then installs no KeyboardInterrupt handler, so the child would never see the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ManagedProcess:
     """A child started with the venv's python; its output goes to a temp log shown on failure."""
 
