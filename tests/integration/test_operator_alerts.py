@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -24,50 +23,22 @@ from hybrid_common.messages.events import (
     OrphanDestroyed,
 )
 from hybrid_common.topology import Topology
+from tests.support.webhook import Webhook
 
 pytestmark = pytest.mark.timeout(90)
 
 SECRET = "sk-vast-0123456789abcdef"
 
 
-class Receiver:
-    """A local webhook: answers 500 to the first post (the notifier must retry), 200 after."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.posts = 0
-        self.runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook/{token}", self.hook)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/hook/T0KEN"
-
-    async def hook(self, request: web.Request) -> web.Response:
-        self.posts += 1
-        if self.posts == 1:
-            return web.Response(status=500)
-        self.bodies.append(await request.json())
-        return web.Response(text="ok")
-
-
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver()
-    await r.start()
-    yield r
-    assert r.runner is not None
-    await r.runner.cleanup()
+async def receiver() -> AsyncIterator[Webhook]:
+    # Its first post fails: the notifier must retry. The token in its path must never reach an alert's text.
+    async with Webhook(path="/hook/T0KEN", fail_first=1) as hook:
+        yield hook
 
 
 async def test_webhook_receives_every_alerted_event(
-    amqp_url: str, redis_url: str, namespace: str, receiver: Receiver
+    amqp_url: str, redis_url: str, namespace: str, receiver: Webhook
 ) -> None:
     conn = await connect(amqp_url, name="test-alerts")
     redis = Redis.from_url(redis_url)

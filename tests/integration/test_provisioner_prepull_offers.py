@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from hybrid_common.alerts import AlertNotifier
 from hybrid_common.messages.commands import Provision, Release
@@ -25,6 +24,7 @@ from hybrid_provisioner.profiles import load_profiles
 from hybrid_provisioner.settings import ProvisionerSettings
 from hybrid_provisioner.vast import VastClient
 from tests.integration.test_provisioner_kit import ProvisionerWorld
+from tests.support.webhook import Webhook
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -32,39 +32,10 @@ PROFILE = "mlnode-v2"
 JOBS = 7
 
 
-class Webhook:
-    """The operator's Slack/Discord webhook: keeps every alert body."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.url = ""
-        self.runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self.hook)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/hook"
-
-    async def hook(self, request: web.Request) -> web.Response:
-        self.bodies.append(await request.json())
-        return web.Response(text="ok")
-
-    def of(self, event_type: str) -> list[dict[str, Any]]:
-        return [b for b in self.bodies if b["event_type"] == event_type]
-
-
 @pytest.fixture
 async def webhook() -> AsyncIterator[Webhook]:
-    hook = Webhook()
-    await hook.start()
-    yield hook
-    assert hook.runner is not None
-    await hook.runner.cleanup()
+    async with Webhook() as hook:
+        yield hook
 
 
 async def fitting_offers(w: ProvisionerWorld) -> set[int]:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from aiohttp import web
 
 from hybrid_common.alerts import AlertNotifier, describe
 from hybrid_common.messages.domain import FailureCause
 from hybrid_common.messages.events import AlertRaised, InstanceCreated, JobFailed
 from tests.integration.test_scheduler_kit import RealProvisionerWorld
+from tests.support.webhook import Webhook
 
 pytestmark = [pytest.mark.broker, pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -34,35 +33,10 @@ AFTER_MISS_BLOCKS = 20
 MISSED_TITLE = f"epoch {EPOCH}: slot {SLOT} missed its PoC window (missed registration)"
 
 
-class Webhook:
-    """The operator's Slack/Discord webhook: keeps every alert body."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.url = ""
-        self.runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self.hook)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/hook"
-
-    async def hook(self, request: web.Request) -> web.Response:
-        self.bodies.append(await request.json())
-        return web.Response(text="ok")
-
-
 @pytest.fixture
 async def webhook() -> AsyncIterator[Webhook]:
-    hook = Webhook()
-    await hook.start()
-    yield hook
-    assert hook.runner is not None
-    await hook.runner.cleanup()
+    async with Webhook() as hook:
+        yield hook
 
 
 async def test_a_window_missed_for_want_of_a_fitting_offer_pages_once_and_leaves_nothing_billing(
