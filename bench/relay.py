@@ -489,20 +489,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         procs += [("broker", broker)] if broker else []
         cpu_before = {name: _cpu_seconds(pid) for name, pid in procs}
         machine_before = _machine_jiffies()
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            load = loop.run_in_executor(
-                pool,
-                _client_process,
-                relay_port,
-                args.concurrency,
-                args.duration,
-                args.warmup,
-                args.nonces,
-                args.nodes or args.concurrency,
-                0.0,
-                0,
-            )
-            result = await load
+
+        async def load(rate: float, first: int) -> dict[str, Any]:
+            """One load phase in a client process of its own (``rate`` 0: the saturated closed loop)."""
+            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                client = (relay_port, args.concurrency, args.duration, args.warmup, args.nonces)
+                return await loop.run_in_executor(
+                    pool, _client_process, *client, args.nodes or args.concurrency, rate, first
+                )
+
+        result = await load(0.0, 0)
         accepted: list[int] = result["accepted"]
         busy, total = (b - a for a, b in zip(machine_before, _machine_jiffies(), strict=True))
         per_batch = 1e6 / max(1, len(accepted))
@@ -521,19 +517,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             # The same relay, now offered --rate batches/s by the same 64 connections (an open loop): the latency an
             # MLNode fleet sending that many batches sees, instead of the closed loop's own queue at saturation
             # (there, mean latency = concurrency / throughput: 64 / 3,000 per s is already 21 ms).
-            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                rated = await loop.run_in_executor(
-                    pool,
-                    _client_process,
-                    relay_port,
-                    args.concurrency,
-                    args.duration,
-                    args.warmup,
-                    args.nonces,
-                    args.nodes or args.concurrency,
-                    args.rate,
-                    RATED_FIRST_SEQ,
-                )
+            rated = await load(args.rate, RATED_FIRST_SEQ)
             accepted += rated["accepted"]
             at_rate = {
                 "offered_per_s": args.rate,
