@@ -193,27 +193,45 @@ class ConfirmationWatcher:
 
     async def _burst(self, event: ConfirmationEvent, t: Tick, release_height: int) -> str:
         key = f"{self.prefix}c-e{event.epoch_index}n{event.event_sequence}"
+        campaign = self._campaign(
+            key,
+            t,
+            event.epoch_index,
+            CandidateKind.FRESH,
+            release_height,
+            deadline_at=self.planner.deadline(t, event.generation_start_height),
+        )
+        campaign.note(f"confirmation PoC {event.key}: burst rental, release after height {release_height}")
+        await self.book.create(campaign)
+        return key
+
+    def _campaign(
+        self,
+        key: str,
+        t: Tick,
+        epoch: int,
+        kind: CandidateKind,
+        release_height: int,
+        deadline_at: float | None = None,
+    ) -> Campaign:
+        """A confirmation-PoC campaign: one candidate of ``kind`` per slot, on the profile of the chain's PoC."""
         generation = self.planner.generation(t.view) or "v1"
         profile, _ = self.planner.profile_for(generation)
         campaign = Campaign(
             key=key,
             purpose=Purpose.CONFIRMATION_POC,
-            epoch_index=event.epoch_index,
+            epoch_index=epoch,
             generation=generation,
             profile=profile,
             slots=self.slots,
-            deadline_at=self.planner.deadline(t, event.generation_start_height),
+            deadline_at=deadline_at,
             release_height=release_height,
             fence=t.token,
         )
         for slot in range(1, self.slots + 1):
             slot_id = f"{key}-{slot}a"
-            campaign.candidates[slot_id] = CandidateRecord(
-                slot_id=slot_id, slot=slot, name="a", kind=CandidateKind.FRESH
-            )
-        campaign.note(f"confirmation PoC {event.key}: burst rental, release after height {release_height}")
-        await self.book.create(campaign)
-        return key
+            campaign.candidates[slot_id] = CandidateRecord(slot_id=slot_id, slot=slot, name="a", kind=kind)
+        return campaign
 
     def _standby_key(self, epoch: int) -> str:
         return f"{self.prefix}s-e{epoch}"
@@ -259,23 +277,7 @@ class ConfirmationWatcher:
         cutoff = view.next_poc_start - view.params.inference_validation_cutoff
         if not (window.heights.set_new_validators <= view.block_height < cutoff):
             return
-        generation = self.planner.generation(view) or "v1"
-        profile, _ = self.planner.profile_for(generation)
-        campaign = Campaign(
-            key=key,
-            purpose=Purpose.CONFIRMATION_POC,
-            epoch_index=view.epoch_index,
-            generation=generation,
-            profile=profile,
-            slots=self.slots,
-            release_height=view.next_poc_start,
-            fence=t.token,
-        )
-        for slot in range(1, self.slots + 1):
-            slot_id = f"{key}-{slot}a"
-            campaign.candidates[slot_id] = CandidateRecord(
-                slot_id=slot_id, slot=slot, name="a", kind=CandidateKind.STANDBY
-            )
+        campaign = self._campaign(key, t, view.epoch_index, CandidateKind.STANDBY, view.next_poc_start)
         campaign.note("confirmation standby: pre-pulled, stopped, started only on an event")
         if await self.book.create(campaign):
             campaigns[key] = campaign
