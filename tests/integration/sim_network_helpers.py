@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from hybrid_common import TEST, EpochShape
+from tests.support.net import free_port
 
 # A short epoch on a fast, jump-driven clock for the weight-reading tests: the participants list exists from the
 # epoch's set_new_validators block (P + stage + validation delay + validation + delay, gonka-protocol.md §5).
@@ -34,6 +35,20 @@ SHORT_SHAPE = EpochShape(
 SHORT_P = 40
 SHORT_VAL_END = SHORT_P + 10 + 2 + 10
 SHORT_SET_NEW_VALIDATORS = SHORT_VAL_END + 6
+
+
+def silent_gpu(node_id: str, model: str) -> dict[str, Any]:
+    """A registration for a GPU at addresses where nothing answers: the batches a test posts for it are its work."""
+    return {
+        "id": node_id,
+        "host": "127.0.0.1",
+        "inference_port": free_port(),
+        "poc_port": free_port(),
+        "max_concurrent": 10,
+        "models": {model: {"args": []}},
+        "hardware": [{"type": "H100", "count": 1}],
+    }
+
 
 _VERSION_PREFIX = re.compile(r"^/v\d+\.\d+\.\d+[^/]*(?=/)")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "trailer", "upgrade"}

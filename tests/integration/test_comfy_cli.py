@@ -26,21 +26,11 @@ import pytest
 from hybridctl.comfy.tunnels import TunnelStore, port_free, stop_keeper
 from tests.support.infra import delete_broker_objects, namespace_objects
 from tests.support.net import free_port
-from tests.support.procs import ManagedProcess, default_sigint
+from tests.support.procs import CliRun, ManagedProcess, default_sigint
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "comfy"
 GPUS = ["RTX 4090", "RTX 3090", "RTX A6000", "A100 PCIE", "H100 SXM", "L40S"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
 
 
 @dataclass
@@ -67,11 +57,11 @@ class World:
             preexec_fn=default_sigint,  # the tests press Ctrl-C
         )
 
-    def finish(self, proc: subprocess.Popen[str], timeout: float = 180) -> Run:
+    def finish(self, proc: subprocess.Popen[str], timeout: float = 180) -> CliRun:
         out, err = proc.communicate(timeout=timeout)
-        return Run(proc.returncode, out, err)
+        return CliRun(proc.returncode, out, err)
 
-    def cli(self, home: Path, *args: str, timeout: float = 180) -> Run:
+    def cli(self, home: Path, *args: str, timeout: float = 180) -> CliRun:
         return self.finish(self.spawn(home, *args), timeout)
 
     def ledger(self) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,22 +28,12 @@ from hybrid_common.messages.domain import OfferSummary
 from hybrid_common.redis_keys import RedisKeys
 from hybrid_common.topology import Topology
 from tests.support.net import free_port
-from tests.support.procs import ManagedProcess
+from tests.support.procs import CliRun, ManagedProcess
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-
-async def cli(env: dict[str, str], *args: str, timeout: float = 60) -> Run:
+async def cli(env: dict[str, str], *args: str, timeout: float = 60) -> CliRun:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -57,7 +46,7 @@ async def cli(env: dict[str, str], *args: str, timeout: float = 60) -> Run:
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
+    return CliRun(proc.returncode, out.decode(), err.decode())
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ import pytest
 
 from hybrid_common.redis_keys import RedisKeys
 from tests.support.infra import delete_broker_objects, namespace_objects
-from tests.support.procs import REPO, default_sigint
+from tests.support.procs import REPO, CliRun, default_sigint
 
 pytestmark = [pytest.mark.broker, pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -43,20 +43,6 @@ T = TypeVar("T")
 WEIGHT_WITHIN = 300.0  # the issue's bound: an epoch shows weight earned within 5 minutes of `make run`
 PHASES = {"PoCGenerate", "PoCGenerateWindDown", "PoCValidate", "PoCValidateWindDown", "Inference"}
 PART = re.compile(r"^\s+\+ (?P<name>.+?)\s+pid (?P<pid>\d+)\s*(?:127\.0\.0\.1:(?P<port>\d+))?\s*$")
-
-
-@dataclass
-class Run:
-    args: tuple[str, ...]
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> Any:
-        return json.loads(self.out)
-
-    def __str__(self) -> str:
-        return f"hybridctl {' '.join(self.args)} -> {self.code}\n{self.out[-3000:]}\n{self.err[-3000:]}"
 
 
 @dataclass
@@ -102,7 +88,7 @@ def until(check: Callable[[], T | None], timeout: float, what: str, every: float
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {str(last)[-2000:]}")
 
 
-def cli(world: World, *args: str, timeout: float = 90) -> Run:
+def cli(world: World, *args: str, timeout: float = 90) -> CliRun:
     r = subprocess.run(
         [sys.executable, "-m", "hybridctl", *args],
         env=world.cli_env,
@@ -112,16 +98,16 @@ def cli(world: World, *args: str, timeout: float = 90) -> Run:
         text=True,
         timeout=timeout,
     )
-    return Run(args, r.returncode, r.stdout, r.stderr)
+    return CliRun(r.returncode, r.stdout, r.stderr, args)
 
 
-def ok(world: World, *args: str) -> Run:
+def ok(world: World, *args: str) -> CliRun:
     run = cli(world, *args)
     assert run.code == 0, f"{run}\n--- make run ---\n{world.output()[-2000:]}"
     return run
 
 
-def parallel(world: World, *commands: tuple[str, ...]) -> list[Run]:
+def parallel(world: World, *commands: tuple[str, ...]) -> list[CliRun]:
     """Independent invocations at once (each is a process start: the slow part on a loaded machine)."""
     with ThreadPoolExecutor(len(commands)) as pool:
         return list(pool.map(lambda args: cli(world, *args), commands))
@@ -330,8 +316,8 @@ def test_provision_logs_release_and_destroy(world: World) -> None:
     iid, doomed = int(inst["instance_id"]), int(first["instance_id"])
     assert ledger_row(world, iid)["label"].startswith("ghm-op-1") and not ledger_row(world, iid)["destroyed"]
 
-    def logs(*flags: str) -> Callable[[], Run | None]:
-        def fetch() -> Run | None:  # the provisioner asks Vast, which rate-limits: a refusal is retried
+    def logs(*flags: str) -> Callable[[], CliRun | None]:
+        def fetch() -> CliRun | None:  # the provisioner asks Vast, which rate-limits: a refusal is retried
             run = cli(world, "logs", str(iid), *flags)
             return run if run.code == 0 and run.out else None
 

@@ -27,8 +27,8 @@ from tests.integration.sim_network_helpers import (
     SHORT_SET_NEW_VALIDATORS,
     SHORT_SHAPE,
     DapiHTTP,
+    silent_gpu,
 )
-from tests.support.net import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -81,17 +81,7 @@ async def test_the_weight_is_recorded_once_the_epochs_participants_are_on_chain(
             theirs = EpochWeights(client, book, NOBODY, retry_seconds=0.01)
 
             # Our GPU, registered under its slot id before the PoC, delivers one batch of three nonces.
-            await api.register(
-                {
-                    "id": SLOT,
-                    "host": "127.0.0.1",
-                    "inference_port": free_port(),
-                    "poc_port": free_port(),
-                    "max_concurrent": 10,
-                    "models": {DEFAULT_EPOCH_MODEL: {"args": []}},
-                    "hardware": [{"type": "H100", "count": 1}],
-                }
-            )
+            await api.register(silent_gpu(SLOT, DEFAULT_EPOCH_MODEL))
             await jump(P + 1)
             node_num = (await api.nodes())[SLOT]["node"]["node_num"]
             batch = {"block_hash": "H", "block_height": P, "node_id": node_num, "nonces": [7, 8, 9], "dist": [0.1] * 3}

@@ -21,8 +21,8 @@ from tests.integration.sim_network_helpers import (
     SHORT_SHAPE,
     SHORT_VAL_END,
     DapiHTTP,
+    silent_gpu,
 )
-from tests.support.net import free_port
 
 PROFILE, SHAPE, P = SHORT_PROFILE, SHORT_SHAPE, SHORT_P
 VAL_END, SET_NEW_VALIDATORS = SHORT_VAL_END, SHORT_SET_NEW_VALIDATORS
@@ -57,15 +57,7 @@ async def test_participants_appear_at_set_new_validators_with_the_reported_weigh
             assert await participants(api, "1") == (404, {"message": NO_PARTICIPANTS})
 
             # A GPU of ours registered before the PoC (nothing answers at its address: the batch below is its work).
-            gpu = {
-                "id": "gpu-1",
-                "host": "127.0.0.1",
-                "inference_port": free_port(),
-                "poc_port": free_port(),
-                "max_concurrent": 10,
-                "models": {DEFAULT_EPOCH_MODEL: {"args": []}},
-                "hardware": [{"type": "H100", "count": 1}],
-            }
+            gpu = silent_gpu("gpu-1", DEFAULT_EPOCH_MODEL)
             await api.register(gpu)
             await jump(api, P + 1)
             node_num = (await api.nodes())["gpu-1"]["node"]["node_num"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,11 +10,29 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.support.net import wait_port
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """What one CLI invocation (``hybridctl ...``) gave: its exit code and output."""
+
+    code: int
+    out: str
+    err: str
+    args: tuple[str, ...] = ()
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def __str__(self) -> str:
+        return f"hybridctl {' '.join(self.args)} -> {self.code}\n{self.out[-3000:]}\n{self.err[-3000:]}"
 
 
 def default_sigint() -> None:
